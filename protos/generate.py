@@ -1,0 +1,98 @@
+"""Regenerate service/_proto from protos/ (the one way to do it).
+
+Usage: python protos/generate.py [--check]
+
+--check regenerates into a temporary folder and exits 1 if the committed
+code differs, so CI catches a proto edited without regenerating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+OUT = ROOT / "service" / "_proto"
+# Generated modules import each other as top-level `taskservice.v1`; rewrite
+# that to the package they live in so no sys.path tricks are needed.
+IMPORT_FROM = "from taskservice.v1 import"
+IMPORT_TO = "from service._proto.taskservice.v1 import"
+
+
+def generate(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    well_known = str(resources.files("grpc_tools") / "_proto")
+    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    # The mypy plugins are scripts beside this interpreter, which need not be
+    # on PATH (a venv used without activating it).
+    bindir = Path(sys.executable).parent
+    plugins = [
+        f"--plugin=protoc-gen-{name}={bindir / f'protoc-gen-{name}'}"
+        for name in ("mypy", "mypy_grpc")
+    ]
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            *plugins,
+            f"-I{PROTOS}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_out={out}",
+            f"--mypy_grpc_out={out}",
+            *sources,
+        ]
+    )
+    if code != 0:
+        raise SystemExit(f"protoc failed with exit code {code}")
+    for path in out.rglob("*.py*"):
+        if path.suffix not in {".py", ".pyi"}:
+            continue
+        text = path.read_text()
+        if IMPORT_FROM in text:
+            path.write_text(text.replace(IMPORT_FROM, IMPORT_TO))
+    for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
+        (folder / "__init__.py").touch()
+
+
+def differences(a: Path, b: Path) -> list[str]:
+    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    diff = sorted(str(p) for p in files_a ^ files_b)
+    for rel in sorted(files_a & files_b):
+        if not filecmp.cmp(a / rel, b / rel, shallow=False):
+            diff.append(str(rel))
+    return diff
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if service/_proto is stale")
+    args = parser.parse_args()
+    if not args.check:
+        if OUT.exists():
+            shutil.rmtree(OUT)
+        generate(OUT)
+        print(f"generated {OUT.relative_to(ROOT)}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "_proto"
+        generate(fresh)
+        diff = differences(fresh, OUT)
+    if diff:
+        print("service/_proto is stale; run `python protos/generate.py`:", *diff, sep="\n  ")
+        return 1
+    print("service/_proto matches protos/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

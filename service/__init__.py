@@ -1,0 +1,1 @@
+"""taskservice: a gRPC front door for Celery."""

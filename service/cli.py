@@ -1,0 +1,115 @@
+"""`taskservice` command line: serve, worker, dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import Settings
+
+logger = logging.getLogger("taskservice")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="taskservice", description="A gRPC front door for Celery."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server (settings from TASKSERVICE_* variables)")
+    worker = commands.add_parser(
+        "worker", help="run a Celery worker; extra arguments go to `celery worker`"
+    )
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    dev = commands.add_parser(
+        "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
+    )
+    dev.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return _serve(Settings())
+    if args.command == "worker":
+        return _worker(args.celery_args)
+    return _dev(args.concurrency)
+
+
+def _serve(settings: Settings) -> int:
+    from service.server import serve
+
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _worker(celery_args: Sequence[str]) -> int:
+    from worker.app import app
+
+    app.worker_main(["worker", "--loglevel=INFO", *celery_args])
+    return 0
+
+
+def _dev(concurrency: int) -> int:
+    from service.embedded import EmbeddedRedis, parent_death_signal
+
+    run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
+    redis_server = EmbeddedRedis().start()
+    logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
+    env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
+    env.pop("TASKSERVICE_BROKER_URL", None)
+    env.pop("TASKSERVICE_RESULT_BACKEND", None)
+    worker_log = run_dir / "worker.log"
+    with open(worker_log, "wb") as log:
+        worker = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+                "--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # Its own session: the terminal's Ctrl-C reaches only us, and we
+            # stop the worker (and its pool) in order.
+            start_new_session=True,
+            preexec_fn=parent_death_signal,
+        )
+    logger.info("worker: pid %d (log %s)", worker.pid, worker_log)
+    os.environ.update(TASKSERVICE_REDIS_URL=redis_server.url)
+    settings = Settings(redis_url=redis_server.url, broker_url=None, result_backend=None)
+    try:
+        from service.server import serve
+
+        logger.info("grpc: %s:%d (Ctrl-C stops everything)", settings.host, settings.port)
+        asyncio.run(serve(settings))
+    finally:
+        _stop(worker)
+        redis_server.stop()
+        logger.info("stopped redis and worker; logs were in %s", run_dir)
+    return 0
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)  # warm shutdown of worker and pool
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Anything left in its process group (a stuck pool child) goes too.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

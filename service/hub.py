@@ -1,0 +1,133 @@
+"""The event hub: one Redis subscription per server process, fanned out to
+one queue per watching stream.
+
+Every record change is published on one channel as "<task id> <record JSON>"
+(see worker.record). The hub decodes a message only if some stream watches
+that task, and hands it to each such stream's own queue, so every stream gets
+every change in publish order (unlike an asyncio.Condition, which may skip).
+If the subscription drops, the hub reconnects and tells each stream to
+re-read its task (RESYNC), since changes during the gap were not delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from service.errors import RedisUnavailable
+from worker.record import TaskRecord
+
+logger = logging.getLogger(__name__)
+
+
+class Marker(enum.Enum):
+    RESYNC = "resync"
+    """Changes may have been missed: re-read the record."""
+    SHUTDOWN = "shutdown"
+    """The server is shutting down: end the stream."""
+
+
+Event = TaskRecord | Marker
+
+
+class EventHub:
+    """Fans out record changes to watchers; see the module docstring."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        self._client = client
+        self._channel = channel
+        self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self, *, wait: float) -> None:
+        """Start listening; wait up to `wait` seconds for the subscription
+        (the hub keeps retrying in the background if Redis is down)."""
+        self._task = asyncio.create_task(self._run(), name="taskservice-event-hub")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), wait)
+
+    async def close(self) -> None:
+        """Stop listening and end every stream."""
+        self._closing = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(Marker.SHUTDOWN)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
+        """A queue receiving every change of `task_id` published from now on.
+
+        Raises RedisUnavailable while the subscription is down, since changes
+        could then be missed."""
+        if not self.connected:
+            raise RedisUnavailable("not subscribed to task events (Redis unreachable); retry")
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._watchers.setdefault(task_id, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            queues = self._watchers.get(task_id)
+            if queues is not None:
+                queues.discard(queue)
+                if not queues:
+                    del self._watchers[task_id]
+
+    @property
+    def watcher_count(self) -> int:
+        return sum(len(q) for q in self._watchers.values())
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self._closing:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                while (await pubsub.get_message(timeout=1.0)) is None:
+                    pass  # the first message is the subscribe confirmation
+                self._connected.set()
+                delay = 0.05
+                self._broadcast(Marker.RESYNC)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is not None and message["type"] == "message":
+                        self._dispatch(message["data"])
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+                if self._connected.is_set():
+                    logger.warning("event subscription lost (%s); reconnecting", exc)
+                self._connected.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    def _dispatch(self, data: str) -> None:
+        task_id, _, payload = data.partition(" ")
+        queues = self._watchers.get(task_id)
+        if not queues:
+            return
+        rec = TaskRecord.from_fields(json.loads(payload))
+        for queue in queues:
+            queue.put_nowait(rec)
+
+    def _broadcast(self, marker: Marker) -> None:
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(marker)

@@ -1,0 +1,244 @@
+"""TaskService handlers: translate proto <-> domain, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from service import errors
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.backend import Backend, StartCommand
+from service.states import CANCEL_MODES, RECORDED_CANCEL_MODES, task_state
+from worker.record import TaskRecord
+from worker.registry import TaskType
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Doubles carry integers exactly up to 2**53; beyond that a whole-looking
+# number is left a float rather than pretending to precision it lost.
+_MAX_EXACT_INT = 2.0**53
+
+_PARAMETER_KINDS: dict[Any, pb.ParameterKind.ValueType] = {
+    inspect.Parameter.POSITIONAL_ONLY: pb.PARAMETER_KIND_POSITIONAL_ONLY,
+    inspect.Parameter.POSITIONAL_OR_KEYWORD: pb.PARAMETER_KIND_POSITIONAL_OR_KEYWORD,
+    inspect.Parameter.VAR_POSITIONAL: pb.PARAMETER_KIND_VAR_POSITIONAL,
+    inspect.Parameter.KEYWORD_ONLY: pb.PARAMETER_KIND_KEYWORD_ONLY,
+    inspect.Parameter.VAR_KEYWORD: pb.PARAMETER_KIND_VAR_KEYWORD,
+}
+
+
+def _unary(
+    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:  # every error leaves through errors.to_status
+            await context.abort_with_status(errors.to_status(exc))
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+def _streaming(
+    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
+    @functools.wraps(handler)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
+        try:
+            async for item in handler(self, request, context):
+                yield item
+        except Exception as exc:
+            await context.abort_with_status(errors.to_status(exc))
+
+    return wrapper
+
+
+class TaskServiceServicer(pb_grpc.TaskServiceServicer):
+    """The taskservice.v1.TaskService handlers."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    @_unary
+    async def Start(
+        self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartResponse:
+        if request.conflict_policy not in pb.ConflictPolicy.values():
+            raise errors.InvalidArgument(f"unknown conflict_policy {request.conflict_policy}")
+        options = request.options
+        started = await self._backend.start(
+            StartCommand(
+                task_name=request.task_name,
+                args=[_from_value(v) for v in request.args.values],
+                kwargs={k: _from_value(v) for k, v in request.kwargs.fields.items()},
+                args_size=request.args.ByteSize() + request.kwargs.ByteSize(),
+                exclusivity_key=request.exclusivity_key,
+                return_existing=request.conflict_policy == pb.CONFLICT_POLICY_RETURN_EXISTING,
+                countdown=_seconds(options, "countdown"),
+                queue=options.queue,
+                time_limit=_seconds(options, "time_limit"),
+                soft_time_limit=_seconds(options, "soft_time_limit"),
+            )
+        )
+        return pb.StartResponse(
+            task=task_message(started.record), already_existed=started.already_existed
+        )
+
+    @_unary
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatusResponse:
+        task_id = await self._select(request)
+        return pb.GetStatusResponse(task=task_message(await self._backend.get(task_id)))
+
+    @_unary
+    async def Cancel(
+        self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelResponse:
+        mode = CANCEL_MODES.get(request.mode)
+        if mode is None:
+            raise errors.InvalidArgument(f"unknown cancel mode {request.mode}")
+        rec = await self._backend.cancel(request.task_id, mode)
+        return pb.CancelResponse(task=task_message(rec))
+
+    @_streaming
+    async def WatchStatus(
+        self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchStatusResponse]:
+        task_id = await self._select(request)
+        async for rec in self._backend.watch(task_id):
+            yield pb.WatchStatusResponse(task=task_message(rec))
+
+    @_unary
+    async def ListTaskTypes(
+        self, request: pb.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTaskTypesResponse:
+        return pb.ListTaskTypesResponse(
+            task_types=[task_type_message(t) for t in self._backend.task_types()]
+        )
+
+    async def _select(self, request: pb.GetStatusRequest | pb.WatchStatusRequest) -> str:
+        which = request.WhichOneof("selector")
+        if which == "task_id":
+            return request.task_id
+        if which == "exclusivity_key":
+            return await self._backend.resolve_key(request.exclusivity_key)
+        raise errors.InvalidArgument("give task_id or exclusivity_key")
+
+
+def task_message(rec: TaskRecord) -> pb.Task:
+    """The proto Task for a record."""
+    task = pb.Task(
+        id=rec.id,
+        task_name=rec.name,
+        state=task_state(rec),
+        worker=rec.worker,
+        exclusivity_key=rec.exclusivity_key,
+        sequence=rec.sequence,
+        cancel_mode=RECORDED_CANCEL_MODES.get(rec.cancel, pb.CANCEL_MODE_UNSPECIFIED),
+        queue=rec.queue,
+    )
+    for field, when in (
+        (task.create_time, rec.created),
+        (task.start_time, rec.started),
+        (task.end_time, rec.finished),
+        (task.scheduled_time, rec.scheduled),
+    ):
+        if when is not None:
+            _set_time(field, when)
+    if rec.has_result:
+        task.result.CopyFrom(_to_value(rec.result))
+    elif rec.error is not None:
+        task.error.type = rec.error.type
+        task.error.message = rec.error.message
+        task.error.traceback = rec.error.traceback
+    if rec.progress is not None:
+        task.progress.current = rec.progress.current
+        task.progress.total = rec.progress.total
+        task.progress.message = rec.progress.message
+    return task
+
+
+def task_type_message(task_type: TaskType) -> pb.TaskType:
+    message = pb.TaskType(
+        name=task_type.name,
+        description=task_type.description,
+        default_exclusivity_key=task_type.default_exclusivity_key,
+    )
+    for param in task_type.signature.parameters.values():
+        entry = message.parameters.add(
+            name=param.name,
+            kind=_PARAMETER_KINDS[param.kind],
+            required=param.default is inspect.Parameter.empty
+            and param.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD),
+            annotation=_annotation(param.annotation),
+        )
+        if param.default is not inspect.Parameter.empty:
+            try:
+                entry.default_value.CopyFrom(_to_value(param.default))
+            except (TypeError, ValueError, json_format.ParseError):
+                entry.ClearField("default_value")  # not expressible in JSON
+    return message
+
+
+def _annotation(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) or repr(annotation)
+
+
+def _set_time(field: timestamp_pb2.Timestamp, epoch: float) -> None:
+    seconds = math.floor(epoch)
+    field.seconds = seconds
+    field.nanos = int((epoch - seconds) * 1e9)
+
+
+def _seconds(options: pb.StartOptions, name: str) -> float | None:
+    if not options.HasField(name):  # type: ignore[arg-type]
+        return None
+    duration = getattr(options, name)
+    if not -315_576_000_000 <= duration.seconds <= 315_576_000_000 or abs(duration.nanos) >= 10**9:
+        raise errors.InvalidArgument(f"options.{name} is not a valid Duration")
+    return float(duration.seconds) + duration.nanos / 1e9
+
+
+def _from_value(value: struct_pb2.Value) -> Any:
+    """A Value as plain Python; whole numbers become int (JSON has one number
+    type, but Python task code tells 3 from 3.0)."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if number.is_integer() and abs(number) <= _MAX_EXACT_INT:
+            return int(number)
+        if not math.isfinite(number):
+            raise errors.InvalidArgument("numbers must be finite (JSON has no NaN or Infinity)")
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: _from_value(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_from_value(v) for v in value.list_value.values]
+    return None  # null_value, or a Value with nothing set
+
+
+def _to_value(data: Any) -> struct_pb2.Value:
+    value = struct_pb2.Value()
+    json_format.ParseDict(data, value)
+    return value

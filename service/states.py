@@ -1,0 +1,50 @@
+"""The one map: Celery state (as kept in a task's record) -> taskservice.v1.TaskState.
+
+| Celery state           | TaskState   | note                                        |
+|------------------------|-------------|---------------------------------------------|
+| PENDING (and RECEIVED) | QUEUED      | our record: Celery says PENDING for any id  |
+| STARTED (and PROGRESS) | RUNNING     | progress is a field, not a state            |
+| SUCCESS                | SUCCEEDED   |                                             |
+| FAILURE                | FAILED      | LOST if the error is WorkerLostError        |
+| REVOKED                | CANCELLED   |                                             |
+"""
+
+from __future__ import annotations
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from worker.record import TaskRecord
+
+_STATES: dict[str, pb.TaskState.ValueType] = {
+    "PENDING": pb.TASK_STATE_QUEUED,
+    "RECEIVED": pb.TASK_STATE_QUEUED,
+    "RETRY": pb.TASK_STATE_QUEUED,
+    "STARTED": pb.TASK_STATE_RUNNING,
+    "PROGRESS": pb.TASK_STATE_RUNNING,
+    "SUCCESS": pb.TASK_STATE_SUCCEEDED,
+    "FAILURE": pb.TASK_STATE_FAILED,
+    "REVOKED": pb.TASK_STATE_CANCELLED,
+}
+
+WORKER_LOST_ERROR = "WorkerLostError"
+
+
+def task_state(rec: TaskRecord) -> pb.TaskState.ValueType:
+    """The TaskState callers see for a record."""
+    if rec.state == "FAILURE" and rec.error is not None and rec.error.type == WORKER_LOST_ERROR:
+        return pb.TASK_STATE_LOST
+    return _STATES.get(rec.state, pb.TASK_STATE_UNSPECIFIED)
+
+
+CANCEL_MODES: dict[pb.CancelMode.ValueType, str] = {
+    pb.CANCEL_MODE_UNSPECIFIED: "KILL",
+    pb.CANCEL_MODE_GRACEFUL: "GRACEFUL",
+    pb.CANCEL_MODE_TERMINATE: "TERMINATE",
+    pb.CANCEL_MODE_KILL: "KILL",
+}
+"""Cancel modes as recorded; UNSPECIFIED means KILL (the seed's behaviour)."""
+
+RECORDED_CANCEL_MODES: dict[str, pb.CancelMode.ValueType] = {
+    "GRACEFUL": pb.CANCEL_MODE_GRACEFUL,
+    "TERMINATE": pb.CANCEL_MODE_TERMINATE,
+    "KILL": pb.CANCEL_MODE_KILL,
+}
