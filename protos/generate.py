@@ -64,8 +64,12 @@ def generate(out: Path) -> None:
 
 
 def differences(a: Path, b: Path) -> list[str]:
-    files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    files_a = {
+        p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    files_b = {
+        p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
     diff = sorted(str(p) for p in files_a ^ files_b)
     for rel in sorted(files_a & files_b):
         if not filecmp.cmp(a / rel, b / rel, shallow=False):

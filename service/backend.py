@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from celery import Celery
 from redis.asyncio.lock import Lock
+from redis.typing import EncodableT, FieldT
 
 from service.config import Settings
 from service.errors import (
@@ -207,7 +209,10 @@ class Backend:
             raise InvalidArgument(
                 f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s"
             )
-        for name, limit in (("time_limit", cmd.time_limit), ("soft_time_limit", cmd.soft_time_limit)):
+        for name, limit in (
+            ("time_limit", cmd.time_limit),
+            ("soft_time_limit", cmd.soft_time_limit),
+        ):
             if limit is not None and limit <= 0:
                 raise InvalidArgument(f"{name} must be positive, not {limit:g}s")
         if (
@@ -222,7 +227,7 @@ class Backend:
         holder_id = await self._redis.get(record.slot_key(self._prefix, key))
         if not holder_id:
             return None
-        fields = await self._redis.hgetall(record.task_key(self._prefix, holder_id))
+        fields = await self._hgetall(record.task_key(self._prefix, str(holder_id)))
         if not fields or fields.get("state") not in record.ACTIVE_STATES:
             return None
         return TaskRecord.from_fields(fields)
@@ -237,7 +242,8 @@ class Backend:
         rkey = record.task_key(self._prefix, task_id)
         # The record exists before the message does, so the worker always
         # finds it; if publishing fails it is removed: no phantom task.
-        await self._redis.hset(rkey, mapping=fields)
+        mapping: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
+        await self._redis.hset(rkey, mapping=mapping)
         await self._redis.expire(rkey, self._settings.record_ttl)
         try:
             await self._call_celery(
@@ -248,8 +254,9 @@ class Backend:
                     task_id=task_id,
                     countdown=cmd.countdown,
                     queue=queue,
-                    time_limit=cmd.time_limit,
-                    soft_time_limit=cmd.soft_time_limit,
+                    # Celery takes float seconds here; its stubs say int.
+                    time_limit=cmd.time_limit,  # type: ignore[arg-type]
+                    soft_time_limit=cmd.soft_time_limit,  # type: ignore[arg-type]
                 )
             )
         except BaseException:
@@ -257,6 +264,11 @@ class Backend:
                 await self._redis.delete(rkey)
             raise
         return TaskRecord.from_fields(fields)
+
+    async def _hgetall(self, key: str) -> dict[str, str]:
+        # The client decodes responses, so keys and values are str.
+        fields: dict[str, str] = await self._redis.hgetall(key)  # type: ignore[assignment]
+        return fields
 
     async def _call_celery(self, call: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -269,7 +281,7 @@ class Backend:
 
     async def get(self, task_id: str) -> TaskRecord:
         task_id = parse_task_id(task_id)
-        fields = await self._redis.hgetall(record.task_key(self._prefix, task_id))
+        fields = await self._hgetall(record.task_key(self._prefix, task_id))
         if not fields:
             raise TaskNotFound(
                 f"no task {task_id}: it was never started here, or its record expired",
@@ -322,8 +334,11 @@ class Backend:
                     changed = await self._change(rec.id, {record.STARTED}, "", {"cancel": mode})
                     if changed is not None:
                         await self._call_celery(
-                            lambda: self._publisher.control.revoke(
-                                rec.id, terminate=True, signal=SIGNALS[mode]
+                            functools.partial(
+                                self._publisher.control.revoke,
+                                rec.id,
+                                terminate=True,
+                                signal=SIGNALS[mode],
                             )
                         )
                         return await self._await_end(rec.id, changed, events)
@@ -352,7 +367,9 @@ class Backend:
                 lambda: self._publisher.control.revoke(task_id, terminate=terminate)
             )
         except BrokerUnavailable as exc:
-            logger.warning("revoke broadcast for %s failed (%s); the record still forbids it", task_id, exc)
+            logger.warning(
+                "revoke broadcast for %s failed (%s); the record still forbids it", task_id, exc
+            )
 
     async def _await_end(
         self, task_id: str, rec: TaskRecord, events: asyncio.Queue[TaskRecord | Marker]

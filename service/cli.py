@@ -34,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "serve":
         return _serve(Settings())
     if args.command == "worker":
@@ -69,8 +71,15 @@ def _dev(concurrency: int) -> int:
     with open(worker_log, "wb") as log:
         worker = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-                "--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--loglevel=INFO",
+                "--pool=prefork",
+                f"--concurrency={concurrency}",
             ],
             env=env,
             stdin=subprocess.DEVNULL,

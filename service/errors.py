@@ -5,7 +5,7 @@ exception into a `grpc.Status` carrying a google.rpc.ErrorInfo whose reason
 a client can branch on. Hierarchy:
 
     TaskServiceError                      (abstract)
-      InvalidArgument        INVALID_ARGUMENT    malformed id or key, bad options, args that do not bind
+      InvalidArgument        INVALID_ARGUMENT    bad id, key or option; args that do not bind
         TaskTypeNotFound     INVALID_ARGUMENT    task name not exposed (celery.* never is)
         ArgsTooLarge         INVALID_ARGUMENT    args + kwargs above TASKSERVICE_MAX_ARGS_BYTES
       TaskNotFound           NOT_FOUND           id never issued here, or its record expired

@@ -108,7 +108,11 @@ class EventHub:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            except (
+                redis.exceptions.ConnectionError,
+                redis.exceptions.TimeoutError,
+                OSError,
+            ) as exc:
                 if self._connected.is_set():
                     logger.warning("event subscription lost (%s); reconnecting", exc)
                 self._connected.clear()
@@ -116,7 +120,7 @@ class EventHub:
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _dispatch(self, data: str) -> None:
         task_id, _, payload = data.partition(" ")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from service import errors
 from service._proto.taskservice.v1 import task_service_pb2 as pb
@@ -39,7 +39,9 @@ def _unary(
     handler: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> Resp:
         try:
             return await handler(self, request, context)
         except Exception as exc:  # every error leaves through errors.to_status
@@ -210,7 +212,7 @@ def _set_time(field: timestamp_pb2.Timestamp, epoch: float) -> None:
 def _seconds(options: pb.StartOptions, name: str) -> float | None:
     if not options.HasField(name):  # type: ignore[arg-type]
         return None
-    duration = getattr(options, name)
+    duration: duration_pb2.Duration = getattr(options, name)
     if not -315_576_000_000 <= duration.seconds <= 315_576_000_000 or abs(duration.nanos) >= 10**9:
         raise errors.InvalidArgument(f"options.{name} is not a valid Duration")
     return float(duration.seconds) + duration.nanos / 1e9

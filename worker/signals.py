@@ -135,8 +135,10 @@ class TrackedTask(Task):  # type: ignore[type-arg]
         """True once Cancel was called for this task. A task may poll this to
         stop early after a graceful cancel (raising any exception ends it
         CANCELLED)."""
-        task_id = self.request.id
-        return bool(task_id) and _reporter(self.app).cancel_requested(task_id)
+        task_id: str | None = self.request.id
+        if not task_id:
+            return False
+        return _reporter(self.app).cancel_requested(task_id)
 
 
 def _on_success(sender: Task, result: Any, **_: Any) -> None:  # type: ignore[type-arg]

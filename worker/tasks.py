@@ -12,7 +12,7 @@ from worker.signals import TrackedTask
 
 
 @expose(exclusivity_key="demo")
-@app.task(bind=True, name="demo.dummy")
+@app.task(bind=True, base=TrackedTask, name="demo.dummy")
 def dummy(self: TrackedTask, name: str = "Bob", seconds: float = 5.0) -> str:
     """Sleep `seconds`, then greet `name`. Runs one at a time (key "demo")."""
     time.sleep(seconds)
@@ -20,14 +20,14 @@ def dummy(self: TrackedTask, name: str = "Bob", seconds: float = 5.0) -> str:
 
 
 @expose()
-@app.task(bind=True, name="demo.fail")
+@app.task(bind=True, base=TrackedTask, name="demo.fail")
 def fail(self: TrackedTask, message: str = "something went wrong") -> None:
     """Raise ValueError(message): shows how a failure arrives."""
     raise ValueError(message)
 
 
 @expose()
-@app.task(bind=True, name="demo.progress")
+@app.task(bind=True, base=TrackedTask, name="demo.progress")
 def progress(self: TrackedTask, steps: int = 5, seconds_per_step: float = 1.0) -> dict[str, int]:
     """Work through `steps` steps, reporting progress after each; stops early
     (ending CANCELLED) after a graceful cancel."""

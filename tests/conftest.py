@@ -1,0 +1,127 @@
+"""Fixtures: a Redis of the test session's own, a real prefork Celery worker,
+and a real grpc.aio server on a free port with real channels.
+
+TASKSERVICE_* variables are set before anything imports worker.app, so the
+worker subprocess and this process agree on Redis, key prefix and tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.embedded import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_PORT = free_port()
+os.environ.update(
+    TASKSERVICE_REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
+    TASKSERVICE_KEY_PREFIX=f"ts-test-{uuid.uuid4().hex[:8]}",
+    TASKSERVICE_TASKS="worker.tasks,tests.support.tasks",
+    TASKSERVICE_CANCEL_WAIT="5",
+)
+for name in ("TASKSERVICE_BROKER_URL", "TASKSERVICE_RESULT_BACKEND", "TASKSERVICE_PORT"):
+    os.environ.pop(name, None)
+
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.server import Server, create_server  # noqa: E402
+
+
+def wait_for_log(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    log = path.read_text(errors="replace") if path.exists() else ""
+    raise RuntimeError(f"{text!r} not seen in {path}:\n{log[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(port=REDIS_PORT).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_server: EmbeddedRedis) -> Settings:
+    return Settings()
+
+
+def start_worker(log: Path, *, concurrency: int = 4, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+                "--pool=prefork", f"--concurrency={concurrency}", "--loglevel=INFO",
+                "-Q", "celery", "-n", f"test-{uuid.uuid4().hex[:6]}@%h",
+                "--without-gossip", "--without-mingle", "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for_log(log, "ready.", process, timeout=60)
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture(scope="session")
+def worker_process(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    process = start_worker(log)
+    yield process
+    stop_process(process)
+
+
+@pytest.fixture(scope="session")
+async def server(settings: Settings, worker_process: subprocess.Popen[bytes]) -> AsyncIterator[Server]:
+    running = await create_server(settings, port=0)
+    yield running
+    await running.stop(1)
+
+
+@pytest.fixture(scope="session")
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.aio.Channel) -> pb_grpc.TaskServiceStub:
+    return pb_grpc.TaskServiceStub(channel)
+
+
+@pytest.fixture
+def key() -> str:
+    """An exclusivity key no other test uses."""
+    return f"test-{uuid.uuid4().hex[:12]}"

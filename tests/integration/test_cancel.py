@@ -1,0 +1,129 @@
+"""Cancel: queued tasks never run; running tasks stop as the mode says."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from tests.support.client import error_info, finished, start, start_request, wait_until
+
+
+async def running(stub: pb_grpc.TaskServiceStub, task_id: str, pid_file: Path) -> None:
+    """Wait until the task body runs (it wrote its pid)."""
+    await wait_until(stub, task_id, lambda t: t.state == pb.TASK_STATE_RUNNING)
+    for _ in range(200):
+        if pid_file.exists():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("task body never started")
+
+
+async def test_cancel_of_a_queued_task_means_it_never_runs(stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    request = start_request("test.write_after", key=key, path=str(out), seconds=0)
+    request.options.countdown.CopyFrom(duration_pb2.Duration(seconds=1))
+    task = (await stub.Start(request)).task
+    cancelled = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))).task
+    assert cancelled.state == pb.TASK_STATE_CANCELLED
+    assert cancelled.cancel_mode == pb.CANCEL_MODE_GRACEFUL
+    assert cancelled.HasField("end_time")
+    # The key is free at once.
+    follow_up = await start(stub, "test.echo", "next", key=key)
+    await finished(stub, follow_up.id)
+    await asyncio.sleep(1.5)  # past the countdown: it must still not have run
+    assert not out.exists()
+    assert not Path(str(out) + ".pid").exists()
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.state == pb.TASK_STATE_CANCELLED
+    assert not status.HasField("start_time")
+
+
+@pytest.mark.parametrize("mode", [pb.CANCEL_MODE_KILL, pb.CANCEL_MODE_TERMINATE, pb.CANCEL_MODE_UNSPECIFIED])
+async def test_cancel_stops_a_running_task_before_its_side_effect(
+    stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path, mode: pb.CancelMode.ValueType
+) -> None:
+    out = tmp_path / "out"
+    task = await start(stub, "test.write_after", key=key, path=str(out), seconds=1.5)
+    await running(stub, task.id, Path(str(out) + ".pid"))
+    cancelled = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=mode))).task
+    assert cancelled.state == pb.TASK_STATE_CANCELLED
+    expected_mode = pb.CANCEL_MODE_KILL if mode == pb.CANCEL_MODE_UNSPECIFIED else mode
+    assert cancelled.cancel_mode == expected_mode
+    assert not cancelled.HasField("result")
+    # The key is free: a new task starts under it at once.
+    follow_up = await start(stub, "test.echo", "next", key=key)
+    await finished(stub, follow_up.id)
+    await asyncio.sleep(2)
+    assert not out.exists(), "the cancelled task's side effect happened"
+
+
+async def test_graceful_cancel_lets_a_running_task_finish_then_ends_cancelled(
+    stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    task = await start(stub, "test.write_after", key=key, path=str(out), seconds=1)
+    await running(stub, task.id, Path(str(out) + ".pid"))
+    response = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))).task
+    assert response.state == pb.TASK_STATE_RUNNING
+    assert response.cancel_mode == pb.CANCEL_MODE_GRACEFUL
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # still holds its key
+        await start(stub, "test.echo", key=key)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    done = await finished(stub, task.id)
+    assert done.state == pb.TASK_STATE_CANCELLED
+    assert out.read_text() == "done"
+    assert done.result.string_value == "done"  # it ran to its end: nothing lost
+
+
+async def test_graceful_cancel_stops_a_task_that_checks_for_it(stub: pb_grpc.TaskServiceStub) -> None:
+    task = await start(stub, "demo.progress", steps=50, seconds_per_step=0.05)
+    await wait_until(stub, task.id, lambda t: t.progress.current >= 1)
+    await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))
+    done = await finished(stub, task.id)
+    assert done.state == pb.TASK_STATE_CANCELLED
+    assert done.error.type == "InterruptedError"
+    assert done.progress.current < 50
+
+
+async def test_cancel_is_idempotent(stub: pb_grpc.TaskServiceStub, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    task = await start(stub, "test.write_after", path=str(out), seconds=1.5)
+    await running(stub, task.id, Path(str(out) + ".pid"))
+    first = (await stub.Cancel(pb.CancelRequest(task_id=task.id))).task
+    second = (await stub.Cancel(pb.CancelRequest(task_id=task.id))).task
+    assert first.state == second.state == pb.TASK_STATE_CANCELLED
+    assert second.sequence == first.sequence
+
+
+async def test_cancel_of_a_finished_task_is_a_failed_precondition(stub: pb_grpc.TaskServiceStub) -> None:
+    task = await start(stub, "test.echo", 1)
+    await finished(stub, task.id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Cancel(pb.CancelRequest(task_id=task.id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "TASK_FINISHED"
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_a_task_whose_worker_process_dies_ends_lost_and_frees_its_key(
+    stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    pid_file = Path(str(out) + ".pid")
+    task = await start(stub, "test.write_after", key=key, path=str(out), seconds=3)
+    await running(stub, task.id, pid_file)
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)  # as the OOM killer would
+    done = await finished(stub, task.id)
+    assert done.state == pb.TASK_STATE_LOST
+    assert done.error.type == "WorkerLostError"
+    follow_up = await start(stub, "test.echo", key=key)
+    await finished(stub, follow_up.id)
