@@ -62,7 +62,8 @@ def _dev(concurrency: int) -> int:
     from service.embedded import EmbeddedRedis, parent_death_signal
 
     run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
-    redis_server = EmbeddedRedis().start()
+    # Children are started before any thread exists (their fork hook is safe).
+    redis_server = EmbeddedRedis(die_with_parent=True).start()
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
     env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
     env.pop("TASKSERVICE_BROKER_URL", None)

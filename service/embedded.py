@@ -53,8 +53,11 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> None:
 class EmbeddedRedis:
     """A redis-server child process on 127.0.0.1 and a free port."""
 
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, die_with_parent: bool = False) -> None:
+        """`die_with_parent` makes the server exit if this process dies; it
+        needs a fork hook, which is only safe before any threads started."""
         self.port = port or free_port()
+        self._die_with_parent = die_with_parent
         self.dir = Path(tempfile.mkdtemp(prefix="taskservice-redis-"))
         self.log = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,7 +87,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=parent_death_signal,
+            preexec_fn=parent_death_signal if self._die_with_parent else None,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
@@ -95,8 +98,9 @@ class EmbeddedRedis:
                     return self
                 except redis.exceptions.ConnectionError:
                     if self.process.poll() is not None or time.monotonic() > deadline:
+                        log = self.log.read_text(errors="replace") if self.log.exists() else ""
                         self.stop()
-                        raise RuntimeError(f"redis-server did not start; see {self.log}") from None
+                        raise RuntimeError(f"redis-server did not start:\n{log[-2000:]}") from None
                     time.sleep(0.05)
         finally:
             client.close()

@@ -69,7 +69,7 @@ async def test_graceful_cancel_lets_a_running_task_finish_then_ends_cancelled(
     stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    task = await start(stub, "test.write_after", key=key, path=str(out), seconds=1)
+    task = await start(stub, "test.write_after", key=key, path=str(out), seconds=2)
     await running(stub, task.id, Path(str(out) + ".pid"))
     response = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))).task
     assert response.state == pb.TASK_STATE_RUNNING

@@ -1,0 +1,125 @@
+"""What a newcomer does: `taskservice dev`, then grpcurl against it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.embedded import free_port
+from service.server import Server
+from tests.conftest import ROOT
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+
+
+async def grpcurl(port: int, *args: str, data: str | None = None) -> str:
+    # Async: the server under test runs on this event loop.
+    process = await asyncio.create_subprocess_exec(
+        GRPCURL, "-plaintext", *(["-d", data] if data is not None else []), f"127.0.0.1:{port}", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, set[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, set()).add(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl is not installed")
+async def test_grpcurl_lists_describes_and_calls_with_reflection(server: Server) -> None:
+    listed = await grpcurl(server.port, "list")
+    assert "taskservice.v1.TaskService" in listed
+    assert "grpc.health.v1.Health" in listed
+    described = await grpcurl(server.port, "describe", "taskservice.v1.Task")
+    assert "exclusivity_key" in described
+    started = json.loads(
+        await grpcurl(
+            server.port,
+            "taskservice.v1.TaskService/Start",
+            data='{"task_name": "test.echo", "args": [{"a": [1, 2.5, null, true]}]}',
+        )
+    )
+    task_id = started["task"]["id"]
+    assert started["task"]["state"] == "TASK_STATE_QUEUED"
+    watched = await grpcurl(
+        server.port, "taskservice.v1.TaskService/WatchStatus", data=json.dumps({"task_id": task_id})
+    )
+    messages = [json.loads(chunk) for chunk in watched.replace("}\n{", "}\x00{").split("\x00")]
+    assert messages[-1]["task"]["state"] == "TASK_STATE_SUCCEEDED"
+    assert messages[-1]["task"]["result"] == {"a": [1, 2.5, None, True]}
+
+
+def test_dev_runs_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSERVICE_")}
+    env.update(TASKSERVICE_PORT=str(port), PYTHONPATH=str(ROOT))
+    log = tmp_path / "dev.log"
+    with open(log, "wb") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "service", "dev"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=60)
+        stub = pb_grpc.TaskServiceStub(channel)
+        task = stub.Start(pb.StartRequest(task_name="demo.dummy", kwargs={"name": "Dev", "seconds": 0.2})).task
+        final = list(stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id), timeout=60))[-1].task
+        assert final.state == pb.TASK_STATE_SUCCEEDED, log.read_text()
+        assert final.result.string_value == "Hello Dev!"
+        channel.close()
+        text = log.read_text()
+        assert "redis: redis://127.0.0.1:" in text and "worker: pid" in text and f":{port}" in text
+        redis_url = text.split("redis: ", 1)[1].split()[0]
+        children = descendants(dev.pid)
+        assert len(children) >= 3  # redis-server, the worker and its pool
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(30) == 0, log.read_text()
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert not [pid for pid in children if alive(pid)]
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()

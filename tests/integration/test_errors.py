@@ -1,0 +1,196 @@
+"""Bad input answers INVALID_ARGUMENT or NOT_FOUND with a usable message; never INTERNAL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from tests.support.client import error_info, start_request
+
+UNKNOWN_ID = "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c"
+
+
+async def expect(code: grpc.StatusCode, call: Any, *fragments: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    for fragment in fragments:
+        assert fragment in (caught.value.details() or ""), caught.value.details()
+    return caught.value
+
+
+async def test_unknown_ids_are_not_found(stub: pb_grpc.TaskServiceStub) -> None:
+    error = await expect(grpc.StatusCode.NOT_FOUND, stub.GetStatus(pb.GetStatusRequest(task_id=UNKNOWN_ID)), UNKNOWN_ID)
+    assert error_info(error).reason == "TASK_NOT_FOUND"
+    assert error_info(error).domain == "taskservice.dev"
+    await expect(grpc.StatusCode.NOT_FOUND, stub.Cancel(pb.CancelRequest(task_id=UNKNOWN_ID)))
+    await expect(grpc.StatusCode.NOT_FOUND, stub.GetStatus(pb.GetStatusRequest(exclusivity_key="no-such-key")))
+
+
+@pytest.mark.parametrize("task_id", ["", "nope", "123", "6f1c5d0e-3d5b-4c1e-9a57", "x" * 5000])
+async def test_malformed_ids_are_invalid(stub: pb_grpc.TaskServiceStub, task_id: str) -> None:
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.GetStatus(pb.GetStatusRequest(task_id=task_id)), "task_id")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Cancel(pb.CancelRequest(task_id=task_id)), "task_id")
+
+
+@pytest.mark.parametrize("name", ["", "nope", "celery.backend_cleanup", "celery.chord_unlock", "worker.tasks.dummy"])
+async def test_only_exposed_tasks_can_start(stub: pb_grpc.TaskServiceStub, name: str) -> None:
+    error = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(pb.StartRequest(task_name=name)), "task")
+    if name:
+        assert error_info(error).reason == "TASK_TYPE_NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    ("request_", "fragment"),
+    [
+        (start_request("demo.dummy", 1, 2, 3), "too many positional"),
+        (start_request("demo.dummy", nme="typo"), "unexpected keyword"),
+        (start_request("test.write_after"), "missing a required argument"),
+        (start_request("test.echo", key="bad key!"), "exclusivity_key"),
+        (start_request("test.echo", key="k" * 129), "exclusivity_key"),
+        (start_request("test.echo", float("nan")), "finite"),
+    ],
+)
+async def test_arguments_that_do_not_fit_are_invalid(
+    stub: pb_grpc.TaskServiceStub, request_: pb.StartRequest, fragment: str
+) -> None:
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request_), fragment)
+
+
+async def test_too_large_args_are_invalid(stub: pb_grpc.TaskServiceStub) -> None:
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.Start(start_request("test.echo", "x" * 300_000)), "limit"
+    )
+    assert error_info(error).reason == "ARGS_TOO_LARGE"
+
+
+def with_options(**options: Any) -> pb.StartRequest:
+    request = start_request("test.echo", 1)
+    for name, value in options.items():
+        if isinstance(value, duration_pb2.Duration):
+            getattr(request.options, name).CopyFrom(value)
+        else:
+            setattr(request.options, name, value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "fragment"),
+    [
+        (with_options(countdown=duration_pb2.Duration(seconds=-1)), "countdown"),
+        (with_options(countdown=duration_pb2.Duration(seconds=10**6)), "countdown"),
+        (with_options(time_limit=duration_pb2.Duration(seconds=0)), "time_limit"),
+        (with_options(time_limit=duration_pb2.Duration(seconds=2), soft_time_limit=duration_pb2.Duration(seconds=3)), "soft_time_limit"),
+        (with_options(queue="bad queue"), "queue"),
+        (with_options(countdown=duration_pb2.Duration(seconds=1, nanos=-2_000_000_000)), "Duration"),
+    ],
+)
+async def test_bad_options_are_invalid(stub: pb_grpc.TaskServiceStub, request_: pb.StartRequest, fragment: str) -> None:
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request_), fragment)
+
+
+async def test_unknown_enum_values_are_invalid(stub: pb_grpc.TaskServiceStub) -> None:
+    request = start_request("test.echo", 1)
+    request.conflict_policy = 42  # type: ignore[assignment]
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request), "conflict_policy")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.Cancel(pb.CancelRequest(task_id=UNKNOWN_ID, mode=9)),  # type: ignore[arg-type]
+        "mode",
+    )
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+durations = st.builds(
+    duration_pb2.Duration,
+    seconds=st.integers(min_value=-(10**12), max_value=10**12),
+    nanos=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+)
+
+
+@st.composite
+def start_requests(draw: st.DrawFn) -> pb.StartRequest:
+    name = draw(st.sampled_from(["test.echo", "demo.fail", "celery.backend_cleanup", ""]) | st.text(max_size=30))
+    request = start_request(name)
+    for item in draw(st.lists(json_values, max_size=3)):
+        request.args.values.append(_value(item))
+    for k, item in draw(st.dictionaries(st.text(max_size=10), json_values, max_size=3)).items():
+        request.kwargs.fields[k].CopyFrom(_value(item))
+    request.exclusivity_key = draw(st.text(max_size=140))
+    request.conflict_policy = draw(st.integers(min_value=-1, max_value=4))  # type: ignore[assignment]
+    for field in ("countdown", "time_limit", "soft_time_limit"):
+        if draw(st.booleans()):
+            getattr(request.options, field).CopyFrom(draw(durations))
+    request.options.queue = draw(st.sampled_from(["", "celery", "x y"]) | st.text(max_size=10))
+    return request
+
+
+def _value(item: Any) -> Any:
+    from google.protobuf import struct_pb2
+
+    out = struct_pb2.Value()
+    if item is None:
+        out.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(item, bool):
+        out.bool_value = item
+    elif isinstance(item, float):
+        out.number_value = item
+    elif isinstance(item, str):
+        out.string_value = item
+    elif isinstance(item, list):
+        out.list_value.values.extend([_value(i) for i in item])
+    else:
+        for k, v in item.items():
+            out.struct_value.fields[k].CopyFrom(_value(v))
+    return out
+
+
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=start_requests())
+async def test_no_start_request_gets_internal(stub: pb_grpc.TaskServiceStub, request: pb.StartRequest) -> None:
+    try:
+        response = await stub.Start(request)
+    except grpc.aio.AioRpcError as error:
+        assert error.code() in ALLOWED, (error.code(), error.details())
+        assert error.details()
+    else:
+        # Accepted: it really is a task of ours.
+        assert response.task.task_name in {"test.echo", "demo.fail"}
+        status = await stub.GetStatus(pb.GetStatusRequest(task_id=response.task.id))
+        assert status.task.id == response.task.id
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    task_id=st.text(max_size=60) | st.uuids().map(str),
+    key=st.text(max_size=140),
+    mode=st.integers(min_value=-1, max_value=5),
+)
+async def test_no_lookup_gets_internal(stub: pb_grpc.TaskServiceStub, task_id: str, key: str, mode: int) -> None:
+    calls = [
+        stub.GetStatus(pb.GetStatusRequest(task_id=task_id)),
+        stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key)),
+        stub.Cancel(pb.CancelRequest(task_id=task_id, mode=mode)),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            assert error.code() in {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}, (
+                error.code(),
+                error.details(),
+            )

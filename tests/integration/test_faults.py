@@ -1,0 +1,95 @@
+"""Faults: Redis stopping flips health; a broker that is down loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.embedded import EmbeddedRedis, free_port
+from service.server import Server, create_server
+from tests.support.client import error_info, finished, start_request
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+async def own_redis_server() -> AsyncIterator[tuple[EmbeddedRedis, Server]]:
+    """A server on a Redis this test may stop and restart."""
+    own = EmbeddedRedis().start()
+    settings = Settings(
+        redis_url=own.url, key_prefix=f"faults-{uuid.uuid4().hex[:6]}", health_interval=0.1, redis_timeout=0.5
+    )
+    running = await create_server(settings, port=0)
+    try:
+        yield own, running
+    finally:
+        await running.stop(0)
+        own.stop()
+
+
+async def test_health_flips_when_redis_stops_and_recovers(own_redis_server: tuple[EmbeddedRedis, Server]) -> None:
+    own, running = own_redis_server
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = pb_grpc.TaskServiceStub(channel)
+        for service in ("", "taskservice.v1.TaskService"):
+            check = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert check.status == SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="taskservice.v1.TaskService"))
+        assert (await watch.read()).status == SERVING
+
+        assert own.process is not None
+        own.process.terminate()
+        own.process.wait()
+        assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
+
+        # Calls answer UNAVAILABLE (retryable), never INTERNAL.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Start(start_request("test.echo", 1, key="k"))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetStatus(pb.GetStatusRequest(task_id=str(uuid.uuid4())))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "REDIS_UNAVAILABLE"
+
+        # Same port again: the server recovers by itself.
+        restarted = EmbeddedRedis(port=own.port)
+        restarted.start()
+        own.process = restarted.process
+        try:
+            assert (await asyncio.wait_for(watch.read(), 15)).status == SERVING
+        finally:
+            watch.cancel()
+            restarted.stop()
+
+
+async def test_broker_down_answers_unavailable_and_leaves_no_phantom_task(
+    settings: Settings, stub: pb_grpc.TaskServiceStub, worker_process: subprocess.Popen[bytes], key: str
+) -> None:
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    broken = await create_server(settings.model_copy(update={"broker_url": dead_broker}), port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{broken.port}") as channel:
+            broken_stub = pb_grpc.TaskServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await broken_stub.Start(start_request("test.echo", 1, key=key))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
+    finally:
+        await broken.stop(0)
+    # No task was recorded under the key, and the key is free.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    task = (await stub.Start(start_request("test.echo", 2, key=key))).task
+    assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED

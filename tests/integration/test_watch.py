@@ -1,0 +1,94 @@
+"""WatchStatus: snapshot first, every change in order, ends after terminal."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.server import Server
+from tests.support.client import TERMINAL, error_info, finished, start, watch_all
+
+
+async def test_watch_delivers_every_change_in_order_and_ends(stub: pb_grpc.TaskServiceStub) -> None:
+    task = await start(stub, "demo.progress", steps=4, seconds_per_step=0.05)
+    messages = await watch_all(stub, task.id)
+    sequences = [m.sequence for m in messages]
+    assert sequences == list(range(sequences[0], sequences[0] + len(messages))), sequences
+    # Nothing was skipped after the snapshot: created (1), started (2),
+    # four progress reports, finished: 7 changes in all.
+    assert sequences[-1] == 7
+    states = [m.state for m in messages]
+    assert states[-1] == pb.TASK_STATE_SUCCEEDED
+    assert all(s not in TERMINAL for s in states[:-1])
+    progress = [m.progress.current for m in messages if m.HasField("progress")]
+    assert progress == sorted(progress) and progress[-1] == 4
+    assert messages[-1].result.struct_value.fields["steps"].number_value == 4
+
+
+async def test_watch_from_creation_sees_queued_then_running(stub: pb_grpc.TaskServiceStub) -> None:
+    task = await start(stub, "test.write_after", path="/dev/null", seconds=0.3)
+    messages = await watch_all(stub, task.id)
+    states = [m.state for m in messages]
+    if messages[0].sequence == 1:
+        assert states == [pb.TASK_STATE_QUEUED, pb.TASK_STATE_RUNNING, pb.TASK_STATE_SUCCEEDED]
+    else:
+        assert states == [pb.TASK_STATE_RUNNING, pb.TASK_STATE_SUCCEEDED]
+
+
+async def test_watch_of_a_finished_task_gives_one_message(stub: pb_grpc.TaskServiceStub) -> None:
+    task = await start(stub, "test.echo", "x")
+    done = await finished(stub, task.id)
+    messages = await watch_all(stub, task.id)
+    assert messages == [done]
+
+
+async def test_watch_by_key(stub: pb_grpc.TaskServiceStub, key: str) -> None:
+    task = await start(stub, "test.echo", "k", key=key)
+    call = stub.WatchStatus(pb.WatchStatusRequest(exclusivity_key=key))
+    messages = [m.task async for m in call]
+    assert {m.id for m in messages} == {task.id}
+    assert messages[-1].state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_many_watchers_all_see_the_same_sequence(stub: pb_grpc.TaskServiceStub, server: Server) -> None:
+    task = await start(stub, "demo.progress", steps=3, seconds_per_step=0.1)
+    results = await asyncio.gather(*(watch_all(stub, task.id) for _ in range(20)))
+    ends = {r[-1].sequence for r in results}
+    assert ends == {6}
+    for messages in results:
+        assert [m.sequence for m in messages] == list(range(messages[0].sequence, 7))
+    await asyncio.sleep(0.1)
+    assert server.backend.hub.watcher_count == 0  # every stream cleaned up
+
+
+async def test_a_dropped_watcher_leaves_nothing_behind(stub: pb_grpc.TaskServiceStub, server: Server) -> None:
+    task = await start(stub, "test.write_after", path="/dev/null", seconds=1)
+    call = stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
+    await call.read()
+    assert server.backend.hub.watcher_count >= 1
+    call.cancel()
+    for _ in range(100):
+        if server.backend.hub.watcher_count == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert server.backend.hub.watcher_count == 0
+    await finished(stub, task.id)
+
+
+async def test_watch_unknown_task_or_key_is_not_found(stub: pb_grpc.TaskServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await watch_all(stub, "00000000-0000-4000-8000-000000000000")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.WatchStatus(pb.WatchStatusRequest(exclusivity_key="never-used-key")):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "KEY_NOT_FOUND"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.WatchStatus(pb.WatchStatusRequest()):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

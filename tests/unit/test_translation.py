@@ -1,0 +1,97 @@
+"""Pure translation code: records -> proto, Values -> Python, errors -> status."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from service import errors
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service.servicer import _from_value, task_message
+from worker.record import TaskRecord
+
+
+def fields(**extra: str) -> dict[str, str]:
+    return {"id": "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c", "name": "demo.dummy", "state": "PENDING", "seq": "1",
+            "created": "1700000000.25", "queue": "celery", **extra}
+
+
+@pytest.mark.parametrize(
+    ("state", "extra", "expected"),
+    [
+        ("PENDING", {}, pb.TASK_STATE_QUEUED),
+        ("STARTED", {}, pb.TASK_STATE_RUNNING),
+        ("SUCCESS", {"result": "1"}, pb.TASK_STATE_SUCCEEDED),
+        ("FAILURE", {"error_type": "ValueError"}, pb.TASK_STATE_FAILED),
+        ("FAILURE", {"error_type": "WorkerLostError"}, pb.TASK_STATE_LOST),
+        ("REVOKED", {"cancel": "KILL"}, pb.TASK_STATE_CANCELLED),
+    ],
+)
+def test_record_states_map_to_task_states(state: str, extra: dict[str, str], expected: int) -> None:
+    assert task_message(TaskRecord.from_fields(fields(state=state, **extra))).state == expected
+
+
+def test_task_message_carries_every_field() -> None:
+    rec = TaskRecord.from_fields(
+        fields(
+            state="SUCCESS", seq="5", key="k", started="1700000001.5", finished="1700000002", worker="w@h",
+            result='{"a": [1, null]}', progress='{"current": 2, "total": 4, "message": "half"}', cancel="GRACEFUL",
+        )
+    )
+    task = task_message(rec)
+    assert task.id == rec.id and task.task_name == "demo.dummy" and task.exclusivity_key == "k"
+    assert task.sequence == 5 and task.worker == "w@h" and task.queue == "celery"
+    assert task.create_time.seconds == 1700000000 and task.create_time.nanos == 250_000_000
+    assert task.start_time.nanos == 500_000_000 and task.end_time.seconds == 1700000002
+    assert task.result.struct_value.fields["a"].list_value.values[1].WhichOneof("kind") == "null_value"
+    assert (task.progress.current, task.progress.total, task.progress.message) == (2, 4, "half")
+    assert task.cancel_mode == pb.CANCEL_MODE_GRACEFUL
+    assert not task.HasField("scheduled_time")
+
+
+def test_whole_numbers_become_int_others_stay_float() -> None:
+    assert _from_value(struct_pb2.Value(number_value=3.0)) == 3
+    assert isinstance(_from_value(struct_pb2.Value(number_value=3.0)), int)
+    assert _from_value(struct_pb2.Value(number_value=2.5)) == 2.5
+    assert isinstance(_from_value(struct_pb2.Value(number_value=2.0**60)), float)
+    nested = struct_pb2.Value()
+    nested.list_value.values.add().struct_value.fields["x"].number_value = 1
+    assert _from_value(nested) == [{"x": 1}]
+    assert _from_value(struct_pb2.Value()) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.TaskTypeNotFound("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.TaskNotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (errors.TaskAlreadyRunning("x", task_id="t"), grpc.StatusCode.ALREADY_EXISTS),
+        (errors.TaskFinished("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.LockTimeout("x"), grpc.StatusCode.UNAVAILABLE),
+        (errors.BrokerUnavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (ConnectionRefusedError("x"), grpc.StatusCode.INTERNAL),
+        (KeyError("bug"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_errors_map_to_codes_with_error_info(error: Exception, code: grpc.StatusCode) -> None:
+    status = errors.to_status(error)
+    assert status.code == code
+    detail = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    rich = status_pb2.Status.FromString(detail)
+    info = error_details_pb2.ErrorInfo()
+    assert rich.details[0].Unpack(info)
+    assert info.domain == "taskservice.dev"
+    if isinstance(error, errors.TaskAlreadyRunning):
+        assert info.metadata["task_id"] == "t"
+    if code == grpc.StatusCode.INTERNAL:
+        assert "bug" not in status.details  # internals stay in the server log
+
+
+def test_redis_errors_are_unavailable() -> None:
+    import redis.exceptions
+
+    assert errors.to_status(redis.exceptions.ConnectionError("down")).code == grpc.StatusCode.UNAVAILABLE
+    assert errors.to_status(redis.exceptions.TimeoutError("slow")).code == grpc.StatusCode.UNAVAILABLE
