@@ -243,8 +243,10 @@ class Backend:
         # The record exists before the message does, so the worker always
         # finds it; if publishing fails it is removed: no phantom task.
         mapping: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
-        await self._redis.hset(rkey, mapping=mapping)
-        await self._redis.expire(rkey, self._settings.record_ttl)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(rkey, mapping=mapping)
+            pipe.expire(rkey, self._settings.record_ttl)
+            await pipe.execute()
         try:
             await self._call_celery(
                 lambda: self._publisher.send_task(

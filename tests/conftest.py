@@ -60,14 +60,28 @@ def settings(redis_server: EmbeddedRedis) -> Settings:
     return Settings()
 
 
-def start_worker(log: Path, *, concurrency: int = 4, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_worker(
+    log: Path, *, concurrency: int = 4, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-                "--pool=prefork", f"--concurrency={concurrency}", "--loglevel=INFO",
-                "-Q", "celery", "-n", f"test-{uuid.uuid4().hex[:6]}@%h",
-                "--without-gossip", "--without-mingle", "--without-heartbeat",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={concurrency}",
+                "--loglevel=INFO",
+                "-Q",
+                "celery",
+                "-n",
+                f"test-{uuid.uuid4().hex[:6]}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
             ],
             cwd=ROOT,
             env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
@@ -96,7 +110,9 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def worker_process(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     process = start_worker(log)
     yield process
@@ -104,7 +120,9 @@ def worker_process(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session")
-async def server(settings: Settings, worker_process: subprocess.Popen[bytes]) -> AsyncIterator[Server]:
+async def server(
+    settings: Settings, worker_process: subprocess.Popen[bytes]
+) -> AsyncIterator[Server]:
     running = await create_server(settings, port=0)
     yield running
     await running.stop(1)

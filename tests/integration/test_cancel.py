@@ -26,12 +26,16 @@ async def running(stub: pb_grpc.TaskServiceStub, task_id: str, pid_file: Path) -
     raise AssertionError("task body never started")
 
 
-async def test_cancel_of_a_queued_task_means_it_never_runs(stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path) -> None:
+async def test_cancel_of_a_queued_task_means_it_never_runs(
+    stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     request = start_request("test.write_after", key=key, path=str(out), seconds=0)
     request.options.countdown.CopyFrom(duration_pb2.Duration(seconds=1))
     task = (await stub.Start(request)).task
-    cancelled = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))).task
+    cancelled = (
+        await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))
+    ).task
     assert cancelled.state == pb.TASK_STATE_CANCELLED
     assert cancelled.cancel_mode == pb.CANCEL_MODE_GRACEFUL
     assert cancelled.HasField("end_time")
@@ -46,7 +50,9 @@ async def test_cancel_of_a_queued_task_means_it_never_runs(stub: pb_grpc.TaskSer
     assert not status.HasField("start_time")
 
 
-@pytest.mark.parametrize("mode", [pb.CANCEL_MODE_KILL, pb.CANCEL_MODE_TERMINATE, pb.CANCEL_MODE_UNSPECIFIED])
+@pytest.mark.parametrize(
+    "mode", [pb.CANCEL_MODE_KILL, pb.CANCEL_MODE_TERMINATE, pb.CANCEL_MODE_UNSPECIFIED]
+)
 async def test_cancel_stops_a_running_task_before_its_side_effect(
     stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path, mode: pb.CancelMode.ValueType
 ) -> None:
@@ -71,7 +77,9 @@ async def test_graceful_cancel_lets_a_running_task_finish_then_ends_cancelled(
     out = tmp_path / "out"
     task = await start(stub, "test.write_after", key=key, path=str(out), seconds=2)
     await running(stub, task.id, Path(str(out) + ".pid"))
-    response = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))).task
+    response = (
+        await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))
+    ).task
     assert response.state == pb.TASK_STATE_RUNNING
     assert response.cancel_mode == pb.CANCEL_MODE_GRACEFUL
     with pytest.raises(grpc.aio.AioRpcError) as caught:  # still holds its key
@@ -83,7 +91,9 @@ async def test_graceful_cancel_lets_a_running_task_finish_then_ends_cancelled(
     assert done.result.string_value == "done"  # it ran to its end: nothing lost
 
 
-async def test_graceful_cancel_stops_a_task_that_checks_for_it(stub: pb_grpc.TaskServiceStub) -> None:
+async def test_graceful_cancel_stops_a_task_that_checks_for_it(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
     task = await start(stub, "demo.progress", steps=50, seconds_per_step=0.05)
     await wait_until(stub, task.id, lambda t: t.progress.current >= 1)
     await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))
@@ -103,7 +113,9 @@ async def test_cancel_is_idempotent(stub: pb_grpc.TaskServiceStub, tmp_path: Pat
     assert second.sequence == first.sequence
 
 
-async def test_cancel_of_a_finished_task_is_a_failed_precondition(stub: pb_grpc.TaskServiceStub) -> None:
+async def test_cancel_of_a_finished_task_is_a_failed_precondition(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
     task = await start(stub, "test.echo", 1)
     await finished(stub, task.id)
     with pytest.raises(grpc.aio.AioRpcError) as caught:

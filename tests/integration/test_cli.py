@@ -28,7 +28,11 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 async def grpcurl(port: int, *args: str, data: str | None = None) -> str:
     # Async: the server under test runs on this event loop.
     process = await asyncio.create_subprocess_exec(
-        GRPCURL, "-plaintext", *(["-d", data] if data is not None else []), f"127.0.0.1:{port}", *args,
+        GRPCURL,
+        "-plaintext",
+        *(["-d", data] if data is not None else []),
+        f"127.0.0.1:{port}",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -95,13 +99,19 @@ def test_dev_runs_everything_and_ctrl_c_leaves_no_process(tmp_path: Path) -> Non
     log = tmp_path / "dev.log"
     with open(log, "wb") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "service", "dev"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "service", "dev"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=60)
         stub = pb_grpc.TaskServiceStub(channel)
-        task = stub.Start(pb.StartRequest(task_name="demo.dummy", kwargs={"name": "Dev", "seconds": 0.2})).task
+        task = stub.Start(
+            pb.StartRequest(task_name="demo.dummy", kwargs={"name": "Dev", "seconds": 0.2})
+        ).task
         final = list(stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id), timeout=60))[-1].task
         assert final.state == pb.TASK_STATE_SUCCEEDED, log.read_text()
         assert final.result.string_value == "Hello Dev!"

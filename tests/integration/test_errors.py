@@ -27,22 +27,39 @@ async def expect(code: grpc.StatusCode, call: Any, *fragments: str) -> grpc.aio.
 
 
 async def test_unknown_ids_are_not_found(stub: pb_grpc.TaskServiceStub) -> None:
-    error = await expect(grpc.StatusCode.NOT_FOUND, stub.GetStatus(pb.GetStatusRequest(task_id=UNKNOWN_ID)), UNKNOWN_ID)
+    error = await expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.GetStatus(pb.GetStatusRequest(task_id=UNKNOWN_ID)),
+        UNKNOWN_ID,
+    )
     assert error_info(error).reason == "TASK_NOT_FOUND"
     assert error_info(error).domain == "taskservice.dev"
     await expect(grpc.StatusCode.NOT_FOUND, stub.Cancel(pb.CancelRequest(task_id=UNKNOWN_ID)))
-    await expect(grpc.StatusCode.NOT_FOUND, stub.GetStatus(pb.GetStatusRequest(exclusivity_key="no-such-key")))
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.GetStatus(pb.GetStatusRequest(exclusivity_key="no-such-key")),
+    )
 
 
 @pytest.mark.parametrize("task_id", ["", "nope", "123", "6f1c5d0e-3d5b-4c1e-9a57", "x" * 5000])
 async def test_malformed_ids_are_invalid(stub: pb_grpc.TaskServiceStub, task_id: str) -> None:
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.GetStatus(pb.GetStatusRequest(task_id=task_id)), "task_id")
-    await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Cancel(pb.CancelRequest(task_id=task_id)), "task_id")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.GetStatus(pb.GetStatusRequest(task_id=task_id)),
+        "task_id",
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.Cancel(pb.CancelRequest(task_id=task_id)), "task_id"
+    )
 
 
-@pytest.mark.parametrize("name", ["", "nope", "celery.backend_cleanup", "celery.chord_unlock", "worker.tasks.dummy"])
+@pytest.mark.parametrize(
+    "name", ["", "nope", "celery.backend_cleanup", "celery.chord_unlock", "worker.tasks.dummy"]
+)
 async def test_only_exposed_tasks_can_start(stub: pb_grpc.TaskServiceStub, name: str) -> None:
-    error = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(pb.StartRequest(task_name=name)), "task")
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.Start(pb.StartRequest(task_name=name)), "task"
+    )
     if name:
         assert error_info(error).reason == "TASK_TYPE_NOT_FOUND"
 
@@ -66,7 +83,9 @@ async def test_arguments_that_do_not_fit_are_invalid(
 
 async def test_too_large_args_are_invalid(stub: pb_grpc.TaskServiceStub) -> None:
     error = await expect(
-        grpc.StatusCode.INVALID_ARGUMENT, stub.Start(start_request("test.echo", "x" * 300_000)), "limit"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.Start(start_request("test.echo", "x" * 300_000)),
+        "limit",
     )
     assert error_info(error).reason == "ARGS_TOO_LARGE"
 
@@ -87,12 +106,23 @@ def with_options(**options: Any) -> pb.StartRequest:
         (with_options(countdown=duration_pb2.Duration(seconds=-1)), "countdown"),
         (with_options(countdown=duration_pb2.Duration(seconds=10**6)), "countdown"),
         (with_options(time_limit=duration_pb2.Duration(seconds=0)), "time_limit"),
-        (with_options(time_limit=duration_pb2.Duration(seconds=2), soft_time_limit=duration_pb2.Duration(seconds=3)), "soft_time_limit"),
+        (
+            with_options(
+                time_limit=duration_pb2.Duration(seconds=2),
+                soft_time_limit=duration_pb2.Duration(seconds=3),
+            ),
+            "soft_time_limit",
+        ),
         (with_options(queue="bad queue"), "queue"),
-        (with_options(countdown=duration_pb2.Duration(seconds=1, nanos=-2_000_000_000)), "Duration"),
+        (
+            with_options(countdown=duration_pb2.Duration(seconds=1, nanos=-2_000_000_000)),
+            "Duration",
+        ),
     ],
 )
-async def test_bad_options_are_invalid(stub: pb_grpc.TaskServiceStub, request_: pb.StartRequest, fragment: str) -> None:
+async def test_bad_options_are_invalid(
+    stub: pb_grpc.TaskServiceStub, request_: pb.StartRequest, fragment: str
+) -> None:
     await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request_), fragment)
 
 
@@ -108,8 +138,13 @@ async def test_unknown_enum_values_are_invalid(stub: pb_grpc.TaskServiceStub) ->
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 durations = st.builds(
@@ -121,7 +156,10 @@ durations = st.builds(
 
 @st.composite
 def start_requests(draw: st.DrawFn) -> pb.StartRequest:
-    name = draw(st.sampled_from(["test.echo", "demo.fail", "celery.backend_cleanup", ""]) | st.text(max_size=30))
+    name = draw(
+        st.sampled_from(["test.echo", "demo.fail", "celery.backend_cleanup", ""])
+        | st.text(max_size=30)
+    )
     request = start_request(name)
     for item in draw(st.lists(json_values, max_size=3)):
         request.args.values.append(_value(item))
@@ -161,7 +199,9 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=start_requests())
-async def test_no_start_request_gets_internal(stub: pb_grpc.TaskServiceStub, request: pb.StartRequest) -> None:
+async def test_no_start_request_gets_internal(
+    stub: pb_grpc.TaskServiceStub, request: pb.StartRequest
+) -> None:
     try:
         response = await stub.Start(request)
     except grpc.aio.AioRpcError as error:
@@ -180,7 +220,9 @@ async def test_no_start_request_gets_internal(stub: pb_grpc.TaskServiceStub, req
     key=st.text(max_size=140),
     mode=st.integers(min_value=-1, max_value=5),
 )
-async def test_no_lookup_gets_internal(stub: pb_grpc.TaskServiceStub, task_id: str, key: str, mode: int) -> None:
+async def test_no_lookup_gets_internal(
+    stub: pb_grpc.TaskServiceStub, task_id: str, key: str, mode: int
+) -> None:
     calls = [
         stub.GetStatus(pb.GetStatusRequest(task_id=task_id)),
         stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key)),

@@ -23,7 +23,9 @@ from worker import record
 
 
 @pytest.fixture
-async def second_server(worker_process: subprocess.Popen[bytes]) -> AsyncIterator[pb_grpc.TaskServiceStub]:
+async def second_server(
+    worker_process: subprocess.Popen[bytes],
+) -> AsyncIterator[pb_grpc.TaskServiceStub]:
     """Another server *process* on the same Redis (`python -m service serve`)."""
     port = free_port()
     process = subprocess.Popen(

@@ -27,7 +27,10 @@ async def own_redis_server() -> AsyncIterator[tuple[EmbeddedRedis, Server]]:
     """A server on a Redis this test may stop and restart."""
     own = EmbeddedRedis().start()
     settings = Settings(
-        redis_url=own.url, key_prefix=f"faults-{uuid.uuid4().hex[:6]}", health_interval=0.1, redis_timeout=0.5
+        redis_url=own.url,
+        key_prefix=f"faults-{uuid.uuid4().hex[:6]}",
+        health_interval=0.1,
+        redis_timeout=0.5,
     )
     running = await create_server(settings, port=0)
     try:
@@ -37,7 +40,9 @@ async def own_redis_server() -> AsyncIterator[tuple[EmbeddedRedis, Server]]:
         own.stop()
 
 
-async def test_health_flips_when_redis_stops_and_recovers(own_redis_server: tuple[EmbeddedRedis, Server]) -> None:
+async def test_health_flips_when_redis_stops_and_recovers(
+    own_redis_server: tuple[EmbeddedRedis, Server],
+) -> None:
     own, running = own_redis_server
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -74,7 +79,10 @@ async def test_health_flips_when_redis_stops_and_recovers(own_redis_server: tupl
 
 
 async def test_broker_down_answers_unavailable_and_leaves_no_phantom_task(
-    settings: Settings, stub: pb_grpc.TaskServiceStub, worker_process: subprocess.Popen[bytes], key: str
+    settings: Settings,
+    stub: pb_grpc.TaskServiceStub,
+    worker_process: subprocess.Popen[bytes],
+    key: str,
 ) -> None:
     dead_broker = f"redis://127.0.0.1:{free_port()}/0"
     broken = await create_server(settings.model_copy(update={"broker_url": dead_broker}), port=0)

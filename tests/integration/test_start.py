@@ -13,7 +13,9 @@ from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from tests.support.client import error_info, finished, start, start_request, value
 
 
-async def test_start_runs_the_task_and_returns_its_result(stub: pb_grpc.TaskServiceStub, key: str) -> None:
+async def test_start_runs_the_task_and_returns_its_result(
+    stub: pb_grpc.TaskServiceStub, key: str
+) -> None:
     task = await start(stub, "demo.dummy", key=key, name="Alice", seconds=0.1)
     assert task.state == pb.TASK_STATE_QUEUED
     assert task.task_name == "demo.dummy"
@@ -30,7 +32,9 @@ async def test_start_runs_the_task_and_returns_its_result(stub: pb_grpc.TaskServ
     assert not done.HasField("error")
 
 
-async def test_seed_behaviour_second_dummy_is_rejected_with_the_first_id(stub: pb_grpc.TaskServiceStub) -> None:
+async def test_seed_behaviour_second_dummy_is_rejected_with_the_first_id(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
     # Zero options, as the seed did: demo.dummy's default key is "demo".
     first = (await stub.Start(pb.StartRequest(task_name="demo.dummy", kwargs=None))).task
     try:
@@ -50,7 +54,9 @@ async def test_seed_behaviour_second_dummy_is_rejected_with_the_first_id(stub: p
     assert (await finished(stub, again.id)).state == pb.TASK_STATE_SUCCEEDED
 
 
-async def test_return_existing_answers_ok_with_the_running_task(stub: pb_grpc.TaskServiceStub, key: str) -> None:
+async def test_return_existing_answers_ok_with_the_running_task(
+    stub: pb_grpc.TaskServiceStub, key: str
+) -> None:
     first = await start(stub, "test.write_after", key=key, path="/dev/null", seconds=2)
     request = start_request("demo.dummy", key=key, seconds=0)
     request.conflict_policy = pb.CONFLICT_POLICY_RETURN_EXISTING
@@ -74,10 +80,14 @@ async def test_results_are_typed(stub: pb_grpc.TaskServiceStub) -> None:
     done = await finished(stub, task.id)
     assert done.state == pb.TASK_STATE_SUCCEEDED
     assert done.result == value(payload)
-    assert done.result.struct_value.fields["a"].list_value.values[2].WhichOneof("kind") == "null_value"
+    assert (
+        done.result.struct_value.fields["a"].list_value.values[2].WhichOneof("kind") == "null_value"
+    )
 
 
-async def test_whole_numbers_arrive_as_int_and_null_result_is_set(stub: pb_grpc.TaskServiceStub) -> None:
+async def test_whole_numbers_arrive_as_int_and_null_result_is_set(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
     # demo.progress does range(steps): a float would raise TypeError.
     task = await start(stub, "demo.progress", steps=1, seconds_per_step=0)
     assert (await finished(stub, task.id)).result == value({"steps": 1})
@@ -98,7 +108,9 @@ async def test_failure_carries_type_message_and_traceback(stub: pb_grpc.TaskServ
     assert not done.HasField("result")
 
 
-async def test_a_result_json_cannot_encode_fails_with_encode_error(stub: pb_grpc.TaskServiceStub) -> None:
+async def test_a_result_json_cannot_encode_fails_with_encode_error(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
     done = await finished(stub, (await start(stub, "test.non_json")).id)
     assert done.state == pb.TASK_STATE_FAILED
     assert done.error.type == "EncodeError"
@@ -129,18 +141,24 @@ async def test_countdown_delays_the_task(stub: pb_grpc.TaskServiceStub) -> None:
     assert done.start_time.ToNanoseconds() >= task.scheduled_time.ToNanoseconds() - 50_000_000
 
 
-async def test_a_task_on_a_queue_no_worker_consumes_stays_queued(stub: pb_grpc.TaskServiceStub) -> None:
+async def test_a_task_on_a_queue_no_worker_consumes_stays_queued(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
     request = start_request("test.echo", 1)
     request.options.queue = "nobody-listens"
     task = (await stub.Start(request)).task
     assert task.queue == "nobody-listens"
     await asyncio.sleep(0.5)
-    assert (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task.state == pb.TASK_STATE_QUEUED
+    assert (
+        await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))
+    ).task.state == pb.TASK_STATE_QUEUED
     cancelled = (await stub.Cancel(pb.CancelRequest(task_id=task.id))).task
     assert cancelled.state == pb.TASK_STATE_CANCELLED
 
 
-async def test_get_status_by_key_gives_the_current_else_latest_task(stub: pb_grpc.TaskServiceStub, key: str) -> None:
+async def test_get_status_by_key_gives_the_current_else_latest_task(
+    stub: pb_grpc.TaskServiceStub, key: str
+) -> None:
     first = await start(stub, "test.echo", "one", key=key)
     await finished(stub, first.id)
     by_key = (await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))).task

@@ -54,7 +54,9 @@ async def test_watch_by_key(stub: pb_grpc.TaskServiceStub, key: str) -> None:
     assert messages[-1].state == pb.TASK_STATE_SUCCEEDED
 
 
-async def test_many_watchers_all_see_the_same_sequence(stub: pb_grpc.TaskServiceStub, server: Server) -> None:
+async def test_many_watchers_all_see_the_same_sequence(
+    stub: pb_grpc.TaskServiceStub, server: Server
+) -> None:
     task = await start(stub, "demo.progress", steps=3, seconds_per_step=0.1)
     results = await asyncio.gather(*(watch_all(stub, task.id) for _ in range(20)))
     ends = {r[-1].sequence for r in results}
@@ -65,7 +67,9 @@ async def test_many_watchers_all_see_the_same_sequence(stub: pb_grpc.TaskService
     assert server.backend.hub.watcher_count == 0  # every stream cleaned up
 
 
-async def test_a_dropped_watcher_leaves_nothing_behind(stub: pb_grpc.TaskServiceStub, server: Server) -> None:
+async def test_a_dropped_watcher_leaves_nothing_behind(
+    stub: pb_grpc.TaskServiceStub, server: Server
+) -> None:
     task = await start(stub, "test.write_after", path="/dev/null", seconds=1)
     call = stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
     await call.read()

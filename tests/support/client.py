@@ -29,12 +29,16 @@ def start_request(task_name: str, /, *args: Any, key: str = "", **kwargs: Any) -
     return request
 
 
-async def start(stub: pb_grpc.TaskServiceStub, task_name: str, /, *args: Any, key: str = "", **kwargs: Any) -> pb.Task:
+async def start(
+    stub: pb_grpc.TaskServiceStub, task_name: str, /, *args: Any, key: str = "", **kwargs: Any
+) -> pb.Task:
     response = await stub.Start(start_request(task_name, *args, key=key, **kwargs))
     return response.task
 
 
-async def watch_all(stub: pb_grpc.TaskServiceStub, task_id: str, timeout: float = 30) -> list[pb.Task]:
+async def watch_all(
+    stub: pb_grpc.TaskServiceStub, task_id: str, timeout: float = 30
+) -> list[pb.Task]:
     """Every message of a WatchStatus stream, until the server ends it."""
 
     async def collect() -> list[pb.Task]:
@@ -44,7 +48,10 @@ async def watch_all(stub: pb_grpc.TaskServiceStub, task_id: str, timeout: float 
 
 
 async def wait_until(
-    stub: pb_grpc.TaskServiceStub, task_id: str, predicate: Callable[[pb.Task], bool], timeout: float = 30
+    stub: pb_grpc.TaskServiceStub,
+    task_id: str,
+    predicate: Callable[[pb.Task], bool],
+    timeout: float = 30,
 ) -> pb.Task:
     """The first state of the task (from a watch) that satisfies `predicate`."""
 

@@ -14,8 +14,15 @@ from worker.record import TaskRecord
 
 
 def fields(**extra: str) -> dict[str, str]:
-    return {"id": "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c", "name": "demo.dummy", "state": "PENDING", "seq": "1",
-            "created": "1700000000.25", "queue": "celery", **extra}
+    return {
+        "id": "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c",
+        "name": "demo.dummy",
+        "state": "PENDING",
+        "seq": "1",
+        "created": "1700000000.25",
+        "queue": "celery",
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
@@ -36,8 +43,15 @@ def test_record_states_map_to_task_states(state: str, extra: dict[str, str], exp
 def test_task_message_carries_every_field() -> None:
     rec = TaskRecord.from_fields(
         fields(
-            state="SUCCESS", seq="5", key="k", started="1700000001.5", finished="1700000002", worker="w@h",
-            result='{"a": [1, null]}', progress='{"current": 2, "total": 4, "message": "half"}', cancel="GRACEFUL",
+            state="SUCCESS",
+            seq="5",
+            key="k",
+            started="1700000001.5",
+            finished="1700000002",
+            worker="w@h",
+            result='{"a": [1, null]}',
+            progress='{"current": 2, "total": 4, "message": "half"}',
+            cancel="GRACEFUL",
         )
     )
     task = task_message(rec)
@@ -45,7 +59,9 @@ def test_task_message_carries_every_field() -> None:
     assert task.sequence == 5 and task.worker == "w@h" and task.queue == "celery"
     assert task.create_time.seconds == 1700000000 and task.create_time.nanos == 250_000_000
     assert task.start_time.nanos == 500_000_000 and task.end_time.seconds == 1700000002
-    assert task.result.struct_value.fields["a"].list_value.values[1].WhichOneof("kind") == "null_value"
+    assert (
+        task.result.struct_value.fields["a"].list_value.values[1].WhichOneof("kind") == "null_value"
+    )
     assert (task.progress.current, task.progress.total, task.progress.message) == (2, 4, "half")
     assert task.cancel_mode == pb.CANCEL_MODE_GRACEFUL
     assert not task.HasField("scheduled_time")
@@ -93,5 +109,10 @@ def test_errors_map_to_codes_with_error_info(error: Exception, code: grpc.Status
 def test_redis_errors_are_unavailable() -> None:
     import redis.exceptions
 
-    assert errors.to_status(redis.exceptions.ConnectionError("down")).code == grpc.StatusCode.UNAVAILABLE
-    assert errors.to_status(redis.exceptions.TimeoutError("slow")).code == grpc.StatusCode.UNAVAILABLE
+    assert (
+        errors.to_status(redis.exceptions.ConnectionError("down")).code
+        == grpc.StatusCode.UNAVAILABLE
+    )
+    assert (
+        errors.to_status(redis.exceptions.TimeoutError("slow")).code == grpc.StatusCode.UNAVAILABLE
+    )
