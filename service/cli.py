@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ def _worker(celery_args: Sequence[str]) -> int:
 
 
 def _dev(concurrency: int) -> int:
-    from service.embedded import EmbeddedRedis, parent_death_signal
+    from service.embedded import EmbeddedRedis, parent_death_signal, stop_process_group
 
     run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
     # Children are started before any thread exists (their fork hook is safe).
@@ -100,25 +99,10 @@ def _dev(concurrency: int) -> int:
         logger.info("grpc: %s:%d (Ctrl-C stops everything)", settings.host, settings.port)
         asyncio.run(serve(settings))
     finally:
-        _stop(worker)
+        stop_process_group(worker)
         redis_server.stop()
         logger.info("stopped redis and worker; logs were in %s", run_dir)
     return 0
-
-
-def _stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)  # warm shutdown of worker and pool
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    # Anything left in its process group (a stuck pool child) goes too.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 if __name__ == "__main__":

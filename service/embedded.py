@@ -50,6 +50,18 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM the group `process` leads (a Celery worker and its pool: a warm
+    shutdown), then SIGKILL whatever is left after `timeout` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 class EmbeddedRedis:
     """A redis-server child process on 127.0.0.1 and a free port."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.embedded import EmbeddedRedis, free_port
+from service.embedded import EmbeddedRedis, free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_PORT = free_port()
@@ -93,22 +93,6 @@ def start_worker(
     return process
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    import signal
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="session")
 def worker_process(
     redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
@@ -116,7 +100,7 @@ def worker_process(
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     process = start_worker(log)
     yield process
-    stop_process(process)
+    stop_process_group(process)
 
 
 @pytest.fixture(scope="session")

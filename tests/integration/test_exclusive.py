@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.embedded import free_port
+from service.embedded import free_port, stop_process_group
 from service.server import create_server
-from tests.conftest import ROOT, stop_process
+from tests.conftest import ROOT
 from tests.support.client import error_info, finished, start_request
 from worker import record
 
@@ -41,7 +41,7 @@ async def second_server(
             await asyncio.wait_for(channel.channel_ready(), 30)
             yield pb_grpc.TaskServiceStub(channel)
     finally:
-        stop_process(process)
+        stop_process_group(process)
 
 
 async def test_concurrent_starts_on_one_key_from_two_processes_accept_exactly_one(
