@@ -25,6 +25,7 @@ OUT = ROOT / "service" / "_proto"
 # that to the package they live in so no sys.path tricks are needed.
 IMPORT_FROM = "from taskservice.v1 import"
 IMPORT_TO = "from service._proto.taskservice.v1 import"
+DESCRIPTOR_SET = "descriptors.binpb"
 
 
 def generate(out: Path) -> None:
@@ -48,6 +49,10 @@ def generate(out: Path) -> None:
             f"--grpc_python_out={out}",
             f"--mypy_out={out}",
             f"--mypy_grpc_out={out}",
+            # protoc's Python output drops comments; this descriptor set keeps
+            # them, so server reflection (grpcurl describe) shows the docs.
+            "--include_source_info",
+            f"--descriptor_set_out={out / DESCRIPTOR_SET}",
             *sources,
         ]
     )

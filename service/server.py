@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.backend import Backend
 from service.config import Settings
 from service.hub import EventHub
+from service.reflection import add_reflection
 from service.servicer import TaskServiceServicer
 from worker import record
 
@@ -82,13 +82,8 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     pb_grpc.add_TaskServiceServicer_to_server(TaskServiceServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    add_reflection(
+        server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     )
     bound = server.add_insecure_port(f"{settings.host}:{settings.port if port is None else port}")
     await server.start()

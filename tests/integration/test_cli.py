@@ -75,6 +75,10 @@ async def test_grpcurl_lists_describes_and_calls_with_reflection(server: Server)
     assert "grpc.health.v1.Health" in listed
     described = await grpcurl(server.port, "describe", "taskservice.v1.Task")
     assert "exclusivity_key" in described
+    # The proto's comments are the API docs: reflection must carry them.
+    assert "The per-task sequence number" in described
+    method = await grpcurl(server.port, "describe", "taskservice.v1.TaskService.Cancel")
+    assert "rpc Cancel" in method and "FAILED_PRECONDITION" in method
     started = json.loads(
         await grpcurl(
             server.port,
