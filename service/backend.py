@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -141,6 +141,12 @@ class Backend:
 
     async def start(self, cmd: StartCommand) -> Started:
         task_type = self._check_start(cmd)
+        # Once started, a Start runs to its end even if the caller goes away
+        # (deadline, disconnect): stopping between publishing the task and
+        # recording it as the key's holder would break exclusivity.
+        return await _shielded(self._start(cmd, task_type))
+
+    async def _start(self, cmd: StartCommand, task_type: TaskType) -> Started:
         key = cmd.exclusivity_key or task_type.default_exclusivity_key
         if not key:
             return Started(await self._enqueue(cmd, ""), already_existed=False)
@@ -306,6 +312,10 @@ class Backend:
 
     async def cancel(self, task_id: str, mode: str) -> TaskRecord:
         """Cancel; `mode` is GRACEFUL, TERMINATE or KILL."""
+        # Like Start: a recorded cancel request is always followed by its revoke.
+        return await _shielded(self._cancel(task_id, mode))
+
+    async def _cancel(self, task_id: str, mode: str) -> TaskRecord:
         rec = await self.get(task_id)
         for _ in range(5):  # each retry follows a state change we raced with
             if rec.state == record.REVOKED:
@@ -413,6 +423,19 @@ class Backend:
                 if event.sequence > rec.sequence:
                     rec = event
                     yield rec
+
+
+async def _shielded(operation: Coroutine[Any, Any, T]) -> T:
+    """Await `operation`, letting it finish even if the awaiting call is cancelled."""
+    task = asyncio.ensure_future(operation)
+    task.add_done_callback(_log_orphan_failure)
+    return await asyncio.shield(task)
+
+
+def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Seen by the caller if it still waits; logged for the case it left.
+        logger.debug("operation ended with %r", task.exception())
 
 
 def _loads(payload: str) -> dict[str, str]:

@@ -61,7 +61,7 @@ def settings(redis_server: EmbeddedRedis) -> Settings:
 
 
 def start_worker(
-    log: Path, *, concurrency: int = 4, env: dict[str, str] | None = None
+    log: Path, *, concurrency: int = 4, queues: str = "celery"
 ) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -76,7 +76,7 @@ def start_worker(
                 f"--concurrency={concurrency}",
                 "--loglevel=INFO",
                 "-Q",
-                "celery",
+                queues,
                 "-n",
                 f"test-{uuid.uuid4().hex[:6]}@%h",
                 "--without-gossip",
@@ -84,7 +84,7 @@ def start_worker(
                 "--without-heartbeat",
             ],
             cwd=ROOT,
-            env={**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

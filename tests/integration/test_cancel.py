@@ -13,6 +13,8 @@ from google.protobuf import duration_pb2
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.embedded import stop_process_group
+from tests.conftest import start_worker
 from tests.support.client import error_info, finished, start, start_request, wait_until
 
 
@@ -139,3 +141,31 @@ async def test_a_task_whose_worker_process_dies_ends_lost_and_frees_its_key(
     assert done.error.type == "WorkerLostError"
     follow_up = await start(stub, "test.echo", key=key)
     await finished(stub, follow_up.id)
+
+
+async def test_a_cancel_made_while_no_worker_listens_still_wins(
+    stub: pb_grpc.TaskServiceStub, tmp_path: Path
+) -> None:
+    # No worker consumes this queue yet, so none hears Celery's revoke
+    # broadcast; the worker that comes later must still not run the task.
+    queue = f"parked-{tmp_path.name}"[:60]
+    out = tmp_path / "out"
+    request = start_request("test.write_after", path=str(out), seconds=0)
+    request.options.queue = queue
+    task = (await stub.Start(request)).task
+    assert (
+        await stub.Cancel(pb.CancelRequest(task_id=task.id))
+    ).task.state == pb.TASK_STATE_CANCELLED
+    late = start_worker(tmp_path / "late-worker.log", concurrency=1, queues=queue)
+    try:
+        # A task queued after it shows the late worker is consuming.
+        marker = start_request("test.echo", "after")
+        marker.options.queue = queue
+        after = (await stub.Start(marker)).task
+        assert (await finished(stub, after.id)).state == pb.TASK_STATE_SUCCEEDED
+    finally:
+        stop_process_group(late)
+    assert not out.exists() and not Path(str(out) + ".pid").exists()
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.state == pb.TASK_STATE_CANCELLED
+    assert "not running it" in (tmp_path / "late-worker.log").read_text()

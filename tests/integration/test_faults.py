@@ -101,3 +101,28 @@ async def test_broker_down_answers_unavailable_and_leaves_no_phantom_task(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     task = (await stub.Start(start_request("test.echo", 2, key=key))).task
     assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_shutdown_ends_watch_streams_with_unavailable(
+    settings: Settings, stub: pb_grpc.TaskServiceStub
+) -> None:
+    request = start_request("test.echo", 1)
+    request.options.queue = "nobody-listens"  # stays QUEUED: its watch would never end
+    task = (await stub.Start(request)).task
+    running = await create_server(settings, port=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        health_watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await health_watch.read()).status == SERVING
+        call = pb_grpc.TaskServiceStub(channel).WatchStatus(pb.WatchStatusRequest(task_id=task.id))
+        assert (await call.read()).task.state == pb.TASK_STATE_QUEUED
+        stopping = asyncio.create_task(running.stop(5))
+        # Health watchers hear it first, then the stream ends: watch again elsewhere.
+        assert (await asyncio.wait_for(health_watch.read(), 5)).status == NOT_SERVING
+        health_watch.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "SHUTTING_DOWN"
+        await asyncio.wait_for(stopping, 10)
+    await stub.Cancel(pb.CancelRequest(task_id=task.id))
