@@ -36,6 +36,8 @@ class Marker(enum.Enum):
 
 Event = TaskRecord | Marker
 
+_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
 
 class EventHub:
     """Fans out record changes to watchers; see the module docstring."""
@@ -108,12 +110,12 @@ class EventHub:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
-            except (
-                redis.exceptions.ConnectionError,
-                redis.exceptions.TimeoutError,
-                OSError,
-            ) as exc:
-                if self._connected.is_set():
+            except Exception as exc:
+                if not isinstance(exc, _CONNECTION_ERRORS):
+                    # A bug must not silently stop every watcher: log it and
+                    # resubscribe; the streams re-read their tasks (RESYNC).
+                    logger.exception("event hub failed; resubscribing")
+                elif self._connected.is_set():
                     logger.warning("event subscription lost (%s); reconnecting", exc)
                 self._connected.clear()
                 await asyncio.sleep(delay)
@@ -127,7 +129,11 @@ class EventHub:
         queues = self._watchers.get(task_id)
         if not queues:
             return
-        rec = TaskRecord.from_fields(json.loads(payload))
+        try:
+            rec = TaskRecord.from_fields(json.loads(payload))
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring malformed event for task %s: %.200r", task_id, payload)
+            return
         for queue in queues:
             queue.put_nowait(rec)
 

@@ -110,7 +110,7 @@ class _CancelModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelMode
     """Same as CANCEL_MODE_KILL."""
     CANCEL_MODE_GRACEFUL: _CancelMode.ValueType  # 1
     """Do not interrupt a running task: it runs to its end (task code may poll
-    `worker.cancel_requested()` to stop early) and then ends CANCELLED.
+    `self.cancel_requested()` to stop early) and then ends CANCELLED.
     """
     CANCEL_MODE_TERMINATE: _CancelMode.ValueType  # 2
     """Send SIGTERM to the process running the task."""
@@ -126,7 +126,7 @@ CANCEL_MODE_UNSPECIFIED: CancelMode.ValueType  # 0
 """Same as CANCEL_MODE_KILL."""
 CANCEL_MODE_GRACEFUL: CancelMode.ValueType  # 1
 """Do not interrupt a running task: it runs to its end (task code may poll
-`worker.cancel_requested()` to stop early) and then ends CANCELLED.
+`self.cancel_requested()` to stop early) and then ends CANCELLED.
 """
 CANCEL_MODE_TERMINATE: CancelMode.ValueType  # 2
 """Send SIGTERM to the process running the task."""
@@ -309,7 +309,9 @@ Global___TaskError: _TypeAlias = TaskError  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
-    """Progress reported by task code with `worker.report_progress`."""
+    """Progress reported by task code with `self.report_progress(current, total,
+    message)` (or Celery's `self.update_state(state="PROGRESS", meta=...)`).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -35,7 +35,8 @@ class TaskServiceStub:
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
     ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
     FAILED_PRECONDITION  reason TASK_FINISHED
-    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE (retryable)
+    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
+    SHUTTING_DOWN (all retryable)
     """
 
     def __init__(self, channel):
@@ -81,7 +82,8 @@ class TaskServiceServicer:
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
     ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
     FAILED_PRECONDITION  reason TASK_FINISHED
-    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE (retryable)
+    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
+    SHUTTING_DOWN (all retryable)
     """
 
     def Start(self, request, context):
@@ -175,7 +177,8 @@ class TaskService:
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
     ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
     FAILED_PRECONDITION  reason TASK_FINISHED
-    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE (retryable)
+    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
+    SHUTTING_DOWN (all retryable)
     """
 
     @staticmethod

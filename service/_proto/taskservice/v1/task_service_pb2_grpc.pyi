@@ -36,7 +36,8 @@ class TaskServiceStub:
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
       FAILED_PRECONDITION  reason TASK_FINISHED
-      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE (retryable)
+      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
+                           SHUTTING_DOWN (all retryable)
     """
 
     @_typing.overload
@@ -79,7 +80,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
       FAILED_PRECONDITION  reason TASK_FINISHED
-      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE (retryable)
+      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
+                           SHUTTING_DOWN (all retryable)
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -118,7 +120,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
       FAILED_PRECONDITION  reason TASK_FINISHED
-      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE (retryable)
+      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
+                           SHUTTING_DOWN (all retryable)
     """
 
     @_abc_1.abstractmethod
