@@ -126,3 +126,79 @@ async def test_shutdown_ends_watch_streams_with_unavailable(
         assert error_info(caught.value).reason == "SHUTTING_DOWN"
         await asyncio.wait_for(stopping, 10)
     await stub.Cancel(pb.CancelRequest(task_id=task.id))
+
+
+class SlowProxy:
+    """A TCP proxy to Redis that delays everything sent to it (a slow broker)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SlowProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+            try:
+                while data := await src.read(65536):
+                    await asyncio.sleep(delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, self.delay), pump(up_reader, writer, 0))
+
+
+async def test_a_start_whose_caller_gives_up_still_completes_and_holds_its_key(
+    settings: Settings,
+    stub: pb_grpc.TaskServiceStub,
+    redis_server: EmbeddedRedis,
+    worker_process: subprocess.Popen[bytes],
+    key: str,
+) -> None:
+    async with SlowProxy(redis_server.port, delay=0.2) as proxy:
+        slow_broker = f"redis://127.0.0.1:{proxy.port}/0"
+        running = await create_server(
+            settings.model_copy(update={"broker_url": slow_broker}), port=0
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                slow_stub = pb_grpc.TaskServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await slow_stub.Start(
+                        start_request("test.write_after", key=key, path="/dev/null", seconds=1),
+                        timeout=0.1,
+                    )
+                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The Start went on without its caller: the task is recorded as
+            # the key's holder, so exclusivity holds and nothing runs untracked.
+            for _ in range(100):
+                try:
+                    holder = (await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))).task
+                    break
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.NOT_FOUND
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the abandoned Start never recorded its task")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Start(start_request("test.echo", key=key))
+            assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert error_info(caught.value).metadata["task_id"] == holder.id
+            assert (await finished(stub, holder.id)).state == pb.TASK_STATE_SUCCEEDED
+        finally:
+            await running.stop(0)
