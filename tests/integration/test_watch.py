@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -96,3 +97,20 @@ async def test_watch_unknown_task_or_key_is_not_found(stub: pb_grpc.TaskServiceS
         async for _ in stub.WatchStatus(pb.WatchStatusRequest()):
             pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_retried_task_goes_back_to_queued_then_runs_again(
+    stub: pb_grpc.TaskServiceStub, tmp_path: Path
+) -> None:
+    task = await start(stub, "test.retry_once", str(tmp_path / "marker"))
+    messages = await watch_all(stub, task.id)
+    expected = {
+        1: pb.TASK_STATE_QUEUED,
+        2: pb.TASK_STATE_RUNNING,
+        3: pb.TASK_STATE_QUEUED,  # the retry sends it back to the queue
+        4: pb.TASK_STATE_RUNNING,
+        5: pb.TASK_STATE_SUCCEEDED,
+    }
+    assert [m.sequence for m in messages] == list(range(messages[0].sequence, 6))
+    assert [m.state for m in messages] == [expected[m.sequence] for m in messages]
+    assert messages[-1].result.string_value == "second try"

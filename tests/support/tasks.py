@@ -34,3 +34,13 @@ def write_after(self: TrackedTask, path: str, seconds: float, text: str = "done"
     time.sleep(seconds)
     Path(path).write_text(text)
     return text
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.retry_once")
+def retry_once(self: TrackedTask, marker: str) -> str:
+    """Fail the first time (retrying at once), succeed the second."""
+    if not Path(marker).exists():
+        Path(marker).write_text("tried")
+        raise self.retry(countdown=0.2, max_retries=1)
+    return "second try"
