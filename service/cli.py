@@ -26,12 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker = commands.add_parser(
         "worker", help="run a Celery worker; extra arguments go to `celery worker`"
     )
-    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     dev = commands.add_parser(
         "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
     )
     dev.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
-    args = parser.parse_args(argv)
+    # Unknown options belong to `celery worker` (e.g. --concurrency=8 -Q a,b).
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "worker":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(Settings())
     if args.command == "worker":
-        return _worker(args.celery_args)
+        return _worker(extra)
     return _dev(args.concurrency)
 
 
