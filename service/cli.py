@@ -23,9 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server (settings from TASKSERVICE_* variables)")
-    worker = commands.add_parser(
-        "worker", help="run a Celery worker; extra arguments go to `celery worker`"
-    )
+    commands.add_parser("worker", help="run a Celery worker; extra arguments go to `celery worker`")
     dev = commands.add_parser(
         "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
     )
