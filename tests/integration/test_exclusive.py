@@ -47,7 +47,7 @@ async def second_server(
 async def test_concurrent_starts_on_one_key_from_two_processes_accept_exactly_one(
     stub: pb_grpc.TaskServiceStub, second_server: pb_grpc.TaskServiceStub, key: str
 ) -> None:
-    request = start_request("test.write_after", key=key, path="/dev/null", seconds=2)
+    request = start_request("test.sleep", key=key, seconds=2)
 
     async def attempt(target: pb_grpc.TaskServiceStub) -> pb.Task | grpc.aio.AioRpcError:
         try:

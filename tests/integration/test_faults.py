@@ -180,7 +180,7 @@ async def test_a_start_whose_caller_gives_up_still_completes_and_holds_its_key(
                 slow_stub = pb_grpc.TaskServiceStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await slow_stub.Start(
-                        start_request("test.write_after", key=key, path="/dev/null", seconds=1),
+                        start_request("test.sleep", key=key, seconds=1),
                         timeout=0.1,
                     )
                 assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -57,7 +57,7 @@ async def test_seed_behaviour_second_dummy_is_rejected_with_the_first_id(
 async def test_return_existing_answers_ok_with_the_running_task(
     stub: pb_grpc.TaskServiceStub, key: str
 ) -> None:
-    first = await start(stub, "test.write_after", key=key, path="/dev/null", seconds=2)
+    first = await start(stub, "test.sleep", key=key, seconds=2)
     request = start_request("demo.dummy", key=key, seconds=0)
     request.conflict_policy = pb.CONFLICT_POLICY_RETURN_EXISTING
     response = await stub.Start(request)

@@ -31,7 +31,7 @@ async def test_watch_delivers_every_change_in_order_and_ends(stub: pb_grpc.TaskS
 
 
 async def test_watch_from_creation_sees_queued_then_running(stub: pb_grpc.TaskServiceStub) -> None:
-    task = await start(stub, "test.write_after", path="/dev/null", seconds=0.3)
+    task = await start(stub, "test.sleep", seconds=0.3)
     messages = await watch_all(stub, task.id)
     states = [m.state for m in messages]
     if messages[0].sequence == 1:
@@ -71,7 +71,7 @@ async def test_many_watchers_all_see_the_same_sequence(
 async def test_a_dropped_watcher_leaves_nothing_behind(
     stub: pb_grpc.TaskServiceStub, server: Server
 ) -> None:
-    task = await start(stub, "test.write_after", path="/dev/null", seconds=1)
+    task = await start(stub, "test.sleep", seconds=1)
     call = stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
     await call.read()
     assert server.backend.hub.watcher_count >= 1

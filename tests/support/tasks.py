@@ -44,3 +44,11 @@ def retry_once(self: TrackedTask, marker: str) -> str:
         Path(marker).write_text("tried")
         raise self.retry(countdown=0.2, max_retries=1)
     return "second try"
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.sleep")
+def sleep(self: TrackedTask, seconds: float) -> float:
+    """Sleep `seconds` and return them."""
+    time.sleep(seconds)
+    return seconds
