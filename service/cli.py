@@ -57,12 +57,21 @@ def _worker(celery_args: Sequence[str]) -> int:
     return 0
 
 
+def worker_command(*celery_args: str) -> list[str]:
+    """The command that runs a Celery worker of taskservice's app as a child
+    that ends if this process dies."""
+    from service.embedded import tied_to_this_process
+
+    return tied_to_this_process(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", *celery_args]
+    )
+
+
 def _dev(concurrency: int) -> int:
-    from service.embedded import EmbeddedRedis, parent_death_signal, stop_process_group
+    from service.embedded import EmbeddedRedis, stop_process_group
 
     run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
-    # Children are started before any thread exists (their fork hook is safe).
-    redis_server = EmbeddedRedis(die_with_parent=True).start()
+    redis_server = EmbeddedRedis().start()
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
     env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
     env.pop("TASKSERVICE_BROKER_URL", None)
@@ -70,17 +79,7 @@ def _dev(concurrency: int) -> int:
     worker_log = run_dir / "worker.log"
     with open(worker_log, "wb") as log:
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--loglevel=INFO",
-                "--pool=prefork",
-                f"--concurrency={concurrency}",
-            ],
+            worker_command("--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}"),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -88,7 +87,6 @@ def _dev(concurrency: int) -> int:
             # Its own session: the terminal's Ctrl-C reaches only us, and we
             # stop the worker (and its pool) in order.
             start_new_session=True,
-            preexec_fn=parent_death_signal,
         )
     logger.info("worker: pid %d (log %s)", worker.pid, worker_log)
     os.environ.update(TASKSERVICE_REDIS_URL=redis_server.url)

@@ -12,8 +12,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -40,14 +42,27 @@ def free_port() -> int:
         return port
 
 
-def parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """In a child (preexec_fn): get `sig` when the parent dies, so a killed
-    `taskservice dev` leaves nothing behind. Linux only; a no-op elsewhere."""
+def tied_to_this_process(command: Sequence[str]) -> list[str]:
+    """`command`, started so that it gets SIGTERM if this process dies, even
+    by SIGKILL (Linux; elsewhere it just runs). A killed `taskservice dev` or
+    test run thus leaves no Redis or worker behind.
+
+    The signal is armed in a fresh single-threaded interpreter that then
+    execs `command` (a fork hook in a process already running threads, such
+    as gRPC's, is unsafe)."""
+    return [sys.executable, "-m", "service.embedded", *command]
+
+
+def _exec_tied(command: Sequence[str]) -> None:
+    parent = os.getppid()
     with contextlib.suppress(Exception):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        sys.exit(1)
+    os.execvp(command[0], list(command))
 
 
 def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -65,11 +80,8 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 10.0) 
 class EmbeddedRedis:
     """A redis-server child process on 127.0.0.1 and a free port."""
 
-    def __init__(self, *, port: int | None = None, die_with_parent: bool = False) -> None:
-        """`die_with_parent` makes the server exit if this process dies; it
-        needs a fork hook, which is only safe before any threads started."""
+    def __init__(self, *, port: int | None = None) -> None:
         self.port = port or free_port()
-        self._die_with_parent = die_with_parent
         self.dir = Path(tempfile.mkdtemp(prefix="taskservice-redis-"))
         self.log = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -80,26 +92,27 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.process = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                "--logfile",
-                str(self.log),
-            ],
+            tied_to_this_process(
+                [
+                    redis_server_binary(),
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.dir),
+                    "--logfile",
+                    str(self.log),
+                ]
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=parent_death_signal if self._die_with_parent else None,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
@@ -126,3 +139,10 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    # python -m service.embedded CMD [ARGS...]: see tied_to_this_process.
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m service.embedded COMMAND [ARGS...]")
+    _exec_tied(sys.argv[1:])

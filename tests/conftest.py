@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +31,7 @@ for name in ("TASKSERVICE_BROKER_URL", "TASKSERVICE_RESULT_BACKEND", "TASKSERVIC
     os.environ.pop(name, None)
 
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
+from service.cli import worker_command  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.server import Server, create_server  # noqa: E402
 
@@ -65,13 +65,7 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
+            worker_command(
                 "--pool=prefork",
                 f"--concurrency={concurrency}",
                 "--loglevel=INFO",
@@ -82,7 +76,7 @@ def start_worker(
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
-            ],
+            ),
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=out,
