@@ -163,7 +163,9 @@ class Backend:
                 f"{self._settings.lock_wait:g}s; retry"
             )
         try:
-            holder = await self._active_holder(key)
+            slot = record.slot_key(self._prefix, key)
+            previous = await self._redis.get(slot)
+            holder = await self._active(str(previous)) if previous else None
             if holder is not None:
                 if cmd.return_existing:
                     return Started(holder, already_existed=True)
@@ -173,10 +175,7 @@ class Backend:
                     task_id=holder.id,
                     exclusivity_key=key,
                 )
-            rec = await self._enqueue(cmd, key)
-            await self._redis.set(
-                record.slot_key(self._prefix, key), rec.id, ex=self._settings.record_ttl
-            )
+            rec = await self._enqueue(cmd, key, previous=str(previous) if previous else None)
             return Started(rec, already_existed=False)
         finally:
             try:
@@ -229,16 +228,21 @@ class Backend:
             raise InvalidArgument("soft_time_limit must be below time_limit")
         return task_type
 
-    async def _active_holder(self, key: str) -> TaskRecord | None:
-        holder_id = await self._redis.get(record.slot_key(self._prefix, key))
-        if not holder_id:
-            return None
-        fields = await self._hgetall(record.task_key(self._prefix, str(holder_id)))
+    async def _active(self, task_id: str) -> TaskRecord | None:
+        """The task's record if it is unfinished (its key is then held)."""
+        fields = await self._hgetall(record.task_key(self._prefix, task_id))
         if not fields or fields.get("state") not in record.ACTIVE_STATES:
             return None
         return TaskRecord.from_fields(fields)
 
-    async def _enqueue(self, cmd: StartCommand, key: str) -> TaskRecord:
+    async def _enqueue(
+        self, cmd: StartCommand, key: str, *, previous: str | None = None
+    ) -> TaskRecord:
+        """Record, claim `key` (if any), then publish. Every Redis write comes
+        before the publish, so a task in the broker is always recorded and
+        holds its key; if publishing fails, the record is marked cancelled
+        (a message that got through anyway is then refused by the worker) and
+        the key goes back to `previous`."""
         task_id = str(uuid.uuid4())
         queue = cmd.queue or str(self._publisher.conf.task_default_queue)
         scheduled = time.time() + cmd.countdown if cmd.countdown else None
@@ -246,13 +250,15 @@ class Backend:
             task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
         )
         rkey = record.task_key(self._prefix, task_id)
-        # The record exists before the message does, so the worker always
-        # finds it; if publishing fails it is removed: no phantom task.
+        slot = record.slot_key(self._prefix, key)
+        ttl = self._settings.record_ttl
         mapping: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(rkey, mapping=mapping)
-            pipe.expire(rkey, self._settings.record_ttl)
+            pipe.expire(rkey, ttl)
             await pipe.execute()
+        if key:
+            await self._redis.set(slot, task_id, ex=ttl)
         try:
             await self._call_celery(
                 lambda: self._publisher.send_task(
@@ -267,9 +273,23 @@ class Backend:
                     soft_time_limit=cmd.soft_time_limit,  # type: ignore[arg-type]
                 )
             )
-        except BaseException:
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self._redis.delete(rkey)
+        except BaseException as exc:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError, TaskNotFound):
+                await self._change(
+                    task_id,
+                    {record.PENDING},
+                    record.REVOKED,
+                    {
+                        "finished": repr(time.time()),
+                        "error_type": type(exc).__name__,
+                        "error_message": f"never enqueued: {exc}",
+                    },
+                )
+                if key:
+                    if previous:
+                        await self._redis.set(slot, previous, ex=ttl)
+                    else:
+                        await self._redis.delete(slot)
             raise
         return TaskRecord.from_fields(fields)
 

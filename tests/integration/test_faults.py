@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
@@ -89,12 +90,25 @@ async def test_broker_down_answers_unavailable_and_leaves_no_phantom_task(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{broken.port}") as channel:
             broken_stub = pb_grpc.TaskServiceStub(channel)
+            request = start_request("test.echo", 1, key=key)
+            request.options.queue = f"q-{key}"
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await broken_stub.Start(start_request("test.echo", 1, key=key))
+                await broken_stub.Start(request)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
     finally:
         await broken.stop(0)
+    # Its record is terminal (a message that got through would be refused).
+    client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        states = [
+            await client.hget(name, "state")
+            async for name in client.scan_iter(f"{settings.key_prefix}:task:*")
+            if await client.hget(name, "queue") == f"q-{key}"
+        ]
+    finally:
+        await client.aclose()
+    assert states == ["REVOKED"]
     # No task was recorded under the key, and the key is free.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))
