@@ -142,8 +142,9 @@ class Backend:
     async def start(self, cmd: StartCommand) -> Started:
         task_type = self._check_start(cmd)
         # Once started, a Start runs to its end even if the caller goes away
-        # (deadline, disconnect): stopping between publishing the task and
-        # recording it as the key's holder would break exclusivity.
+        # (deadline, disconnect): stopping after claiming the key but before
+        # publishing (or undoing the claim) would leave the key held by a
+        # task that never runs.
         return await _shielded(self._start(cmd, task_type))
 
     async def _start(self, cmd: StartCommand, task_type: TaskType) -> Started:
