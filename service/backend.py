@@ -356,7 +356,7 @@ class Backend:
                 if changed is not None:
                     # The record already forbids running it (TrackedTask checks);
                     # the broadcast also drops it from a worker holding it.
-                    await self._broadcast_revoke(rec.id, terminate=False)
+                    await self._broadcast_revoke(rec.id)
                     return changed
             elif mode == "GRACEFUL":
                 changed = await self._change(rec.id, {record.STARTED}, "", {"cancel": mode})
@@ -366,14 +366,7 @@ class Backend:
                 async with self._hub.watch(rec.id) as events:
                     changed = await self._change(rec.id, {record.STARTED}, "", {"cancel": mode})
                     if changed is not None:
-                        await self._call_celery(
-                            functools.partial(
-                                self._publisher.control.revoke,
-                                rec.id,
-                                terminate=True,
-                                signal=SIGNALS[mode],
-                            )
-                        )
+                        await self._revoke(rec.id, signal=SIGNALS[mode])
                         return await self._await_end(rec.id, changed, events)
             rec = await self.get(rec.id)
         raise Unavailable(f"task {rec.id} kept changing state during the cancel; retry")
@@ -394,11 +387,20 @@ class Backend:
             return None
         return TaskRecord.from_fields(_loads(detail))
 
-    async def _broadcast_revoke(self, task_id: str, *, terminate: bool) -> None:
-        try:
+    async def _revoke(self, task_id: str, *, signal: str | None = None) -> None:
+        """Broadcast Celery's revoke; with `signal`, also terminate the
+        process running the task with it."""
+        revoke = self._publisher.control.revoke
+        if signal is None:
+            await self._call_celery(functools.partial(revoke, task_id))
+        else:
             await self._call_celery(
-                lambda: self._publisher.control.revoke(task_id, terminate=terminate)
+                functools.partial(revoke, task_id, terminate=True, signal=signal)
             )
+
+    async def _broadcast_revoke(self, task_id: str) -> None:
+        try:
+            await self._revoke(task_id)
         except BrokerUnavailable as exc:
             logger.warning(
                 "revoke broadcast for %s failed (%s); the record still forbids it", task_id, exc
