@@ -165,8 +165,9 @@ class Backend:
             )
         try:
             slot = record.slot_key(self._prefix, key)
-            previous = await self._redis.get(slot)
-            holder = await self._active(str(previous)) if previous else None
+            found = await self._redis.get(slot)
+            previous = str(found) if found else None
+            holder = await self._active(previous) if previous else None
             if holder is not None:
                 if cmd.return_existing:
                     return Started(holder, already_existed=True)
@@ -176,7 +177,7 @@ class Backend:
                     task_id=holder.id,
                     exclusivity_key=key,
                 )
-            rec = await self._enqueue(cmd, key, previous=str(previous) if previous else None)
+            rec = await self._enqueue(cmd, key, previous=previous)
             return Started(rec, already_existed=False)
         finally:
             try:
@@ -420,11 +421,19 @@ class Backend:
                 break
             if event is Marker.SHUTDOWN:
                 break
-            if event is Marker.RESYNC:
-                event = await self.get(task_id)
-            if isinstance(event, TaskRecord) and event.sequence > rec.sequence:
-                rec = event
+            rec = await self._newer(task_id, rec, event) or rec
         return rec
+
+    async def _newer(
+        self, task_id: str, rec: TaskRecord, event: TaskRecord | Marker
+    ) -> TaskRecord | None:
+        """The record an event brings if it is newer than `rec`; on RESYNC
+        (changes may have been missed) the record as Redis has it now."""
+        if event is Marker.RESYNC:
+            event = await self.get(task_id)
+        if isinstance(event, TaskRecord) and event.sequence > rec.sequence:
+            return event
+        return None
 
     # -- WatchStatus ---------------------------------------------------------
 
@@ -441,10 +450,9 @@ class Backend:
                 event = await events.get()
                 if event is Marker.SHUTDOWN:
                     raise ShuttingDown("the server is shutting down; watch again to resume")
-                if event is Marker.RESYNC:
-                    event = await self.get(task_id)
-                if event.sequence > rec.sequence:
-                    rec = event
+                newer = await self._newer(task_id, rec, event)
+                if newer is not None:
+                    rec = newer
                     yield rec
 
 
@@ -457,7 +465,8 @@ async def _shielded(operation: Coroutine[Any, Any, T]) -> T:
 
 def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        # Seen by the caller if it still waits; logged for the case it left.
+        # Retrieving the exception here keeps asyncio from warning "never
+        # retrieved" when the caller left; a caller still waiting raises it.
         logger.debug("operation ended with %r", task.exception())
 
 
