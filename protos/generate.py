@@ -68,13 +68,14 @@ def generate(out: Path) -> None:
         (folder / "__init__.py").touch()
 
 
+def _files(root: Path) -> set[Path]:
+    return {
+        p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
 def differences(a: Path, b: Path) -> list[str]:
-    files_a = {
-        p.relative_to(a) for p in a.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    }
-    files_b = {
-        p.relative_to(b) for p in b.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    }
+    files_a, files_b = _files(a), _files(b)
     diff = sorted(str(p) for p in files_a ^ files_b)
     for rel in sorted(files_a & files_b):
         if not filecmp.cmp(a / rel, b / rel, shallow=False):
