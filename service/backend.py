@@ -1,31 +1,25 @@
 """What the servicer calls: exclusive start, status, cancel and watch, over
 taskservice's Redis records and Celery.
 
-Blocking Celery/kombu calls (publish, revoke) run in a small thread pool;
-Redis is used through redis.asyncio. Keys and the record format are in
-worker.record.
+Every record change is one Lua script (worker.scripts), so each decision
+(is the key free? may this task be cancelled? has its lease lapsed?) and its
+write happen in one atomic step. Redis is used through redis.asyncio; Celery's
+blocking calls go through service.publisher.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import kombu.exceptions
 import redis.asyncio as aioredis
 import redis.exceptions
-from celery import Celery
-from redis.asyncio.lock import Lock
-from redis.typing import EncodableT, FieldT
+from redis.commands.core import AsyncScript
 
 from service.config import Settings
 from service.errors import (
@@ -33,18 +27,19 @@ from service.errors import (
     BrokerUnavailable,
     InvalidArgument,
     KeyNotFound,
-    LockTimeout,
+    RedisUnavailable,
     ShuttingDown,
     TaskAlreadyRunning,
     TaskFinished,
     TaskNotFound,
     TaskTypeNotFound,
-    Unavailable,
 )
 from service.hub import EventHub, Marker
+from service.publisher import Publisher, Ticket
 from worker import record
 from worker.record import TaskRecord
 from worker.registry import EXCLUSIVITY_KEY_PATTERN, TaskRegistry, TaskType
+from worker.scripts import Call, Scripts
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +64,8 @@ class StartCommand:
     queue: str = ""
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    time_remaining: float | None = None
+    """Seconds until the caller's deadline, if it has one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +99,7 @@ class Backend:
         self,
         settings: Settings,
         registry: TaskRegistry,
-        publisher: Celery,
+        publisher: Publisher,
         client: aioredis.Redis,
         hub: EventHub,
     ) -> None:
@@ -112,19 +109,20 @@ class Backend:
         self._redis = client
         self._hub = hub
         self._prefix = settings.key_prefix
-        self._channel = record.events_channel(settings.key_prefix)
-        self._transition = client.register_script(record.TRANSITION_LUA)
-        # Publishing holds a broker connection per thread; a few threads keep
-        # a slow broker from stalling every Start behind one call.
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="celery-call")
+        self._scripts = Scripts(settings.key_prefix, settings.record_ttl)
+        self._loaded: dict[str, AsyncScript] = {}
 
     @property
     def hub(self) -> EventHub:
         return self._hub
 
+    @property
+    def publisher(self) -> Publisher:
+        return self._publisher
+
     async def close(self) -> None:
         await self._hub.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._publisher.close()
         await self._redis.aclose()
 
     async def ping(self) -> bool:
@@ -137,53 +135,101 @@ class Backend:
     def task_types(self) -> list[TaskType]:
         return self._registry.types()
 
+    async def _run(self, call: Call) -> Any:
+        script = self._loaded.get(call.script)
+        if script is None:
+            script = self._loaded[call.script] = self._redis.register_script(call.script)
+        return await script(keys=call.keys, args=call.args)
+
     # -- Start ---------------------------------------------------------------
 
     async def start(self, cmd: StartCommand) -> Started:
         task_type = self._check_start(cmd)
-        # Once started, a Start runs to its end even if the caller goes away
-        # (deadline, disconnect): stopping after claiming the key but before
-        # publishing (or undoing the claim) would leave the key held by a
-        # task that never runs.
-        return await _shielded(self._start(cmd, task_type))
+        answer_by = None
+        if cmd.time_remaining is not None:
+            answer_by = asyncio.get_running_loop().time() + cmd.time_remaining
+        # Once started, a Start runs to its end even if the caller goes away:
+        # a claim is either confirmed (the broker has the message) or
+        # abandoned (the key goes back), never left to its provisional lease.
+        return await _shielded(self._start(cmd, task_type, answer_by))
 
-    async def _start(self, cmd: StartCommand, task_type: TaskType) -> Started:
+    async def _start(
+        self, cmd: StartCommand, task_type: TaskType, answer_by: float | None
+    ) -> Started:
         key = cmd.exclusivity_key or task_type.default_exclusivity_key
-        if not key:
-            return Started(await self._enqueue(cmd, ""), already_existed=False)
-        lock = Lock(
-            self._redis,
-            record.lock_key(self._prefix, key),
-            timeout=self._settings.lock_expiry,
-            blocking_timeout=self._settings.lock_wait,
-            sleep=0.01,
+        task_id = str(uuid.uuid4())
+        queue = cmd.queue or self._publisher.default_queue
+        scheduled = time.time() + cmd.countdown if cmd.countdown else None
+        fields = record.new_record_fields(
+            task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
         )
-        if not await lock.acquire():
-            raise LockTimeout(
-                f"exclusivity key {key!r} is busy: its lock was not free within "
-                f"{self._settings.lock_wait:g}s; retry"
+        provisional_ms = int(self._settings.provisional_lease * 1000)
+        status, detail = await self._run(
+            self._scripts.claim(fields, exclusivity_key=key, provisional_ms=provisional_ms)
+        )
+        if status == "held":
+            holder = TaskRecord.from_json(detail)
+            if cmd.return_existing:
+                return Started(holder, already_existed=True)
+            raise TaskAlreadyRunning(
+                f"task {holder.id} ({holder.name}) is already running under exclusivity "
+                f"key {key!r}; cancel it, wait for it, or start with RETURN_EXISTING",
+                task_id=holder.id,
+                exclusivity_key=key,
             )
+        accepted = TaskRecord.from_fields(fields)
         try:
-            slot = record.slot_key(self._prefix, key)
-            found = await self._redis.get(slot)
-            previous = str(found) if found else None
-            holder = await self._active(previous) if previous else None
-            if holder is not None:
-                if cmd.return_existing:
-                    return Started(holder, already_existed=True)
-                raise TaskAlreadyRunning(
-                    f"task {holder.id} ({holder.name}) is already running under exclusivity "
-                    f"key {key!r}; cancel it, wait for it, or start with RETURN_EXISTING",
-                    task_id=holder.id,
-                    exclusivity_key=key,
-                )
-            rec = await self._enqueue(cmd, key, previous=previous)
-            return Started(rec, already_existed=False)
-        finally:
-            try:
-                await lock.release()
-            except redis.exceptions.LockError:
-                logger.warning("lock of key %r expired before Start released it", key)
+            with self._publisher.admit() as ticket:
+                await self._publish(ticket, cmd, task_id, queue, answer_by)
+        except (Exception, asyncio.CancelledError) as exc:
+            if await self._abandon(task_id, exc):
+                raise
+            return Started(accepted, already_existed=False)
+        status, detail = await self._run(self._scripts.confirm(task_id))
+        if status == "missing":
+            raise RedisUnavailable(f"the record of task {task_id} vanished: did Redis lose data?")
+        if status == "moved" and _never_enqueued(TaskRecord.from_json(detail)):
+            raise BrokerUnavailable(
+                f"the broker took task {task_id} too late: it was given up and will not run; retry"
+            )
+        return Started(accepted, already_existed=False)
+
+    async def _publish(
+        self, ticket: Ticket, cmd: StartCommand, task_id: str, queue: str, answer_by: float | None
+    ) -> None:
+        wait = self._settings.publish_timeout
+        if answer_by is not None:
+            left = answer_by - asyncio.get_running_loop().time()
+            # Keep a little of the caller's time for the answer itself.
+            wait = min(wait, left - min(0.5, max(0.02, left * 0.1)))
+            if wait <= 0:
+                raise BrokerUnavailable("the caller's deadline left no time to enqueue the task")
+        await self._publisher.send(
+            ticket,
+            cmd.task_name,
+            task_id,
+            args=cmd.args,
+            kwargs=cmd.kwargs,
+            queue=queue,
+            countdown=cmd.countdown,
+            time_limit=cmd.time_limit,
+            soft_time_limit=cmd.soft_time_limit,
+            wait=wait,
+        )
+
+    async def _abandon(self, task_id: str, error: BaseException) -> bool:
+        """Give up a Start whose publish failed: end the task and give the key
+        back. False if a worker has the task after all (the Start succeeded)."""
+        message = f"never enqueued: {str(error)[:200] or type(error).__name__}"
+        try:
+            status, detail = await self._run(self._scripts.abandon(task_id, message))
+        except (redis.exceptions.RedisError, OSError):
+            logger.warning("could not abandon task %s; its provisional lease will", task_id)
+            return True
+        if status == "moved" and not _never_enqueued(TaskRecord.from_json(detail)):
+            logger.info("task %s reached a worker although its publish reported %r", task_id, error)
+            return False
+        return True
 
     def _check_start(self, cmd: StartCommand) -> TaskType:
         if not cmd.task_name:
@@ -230,99 +276,23 @@ class Backend:
             raise InvalidArgument("soft_time_limit must be below time_limit")
         return task_type
 
-    async def _active(self, task_id: str) -> TaskRecord | None:
-        """The task's record if it is unfinished (its key is then held)."""
-        fields = await self._hgetall(record.task_key(self._prefix, task_id))
-        if not fields or fields.get("state") not in record.ACTIVE_STATES:
-            return None
-        return TaskRecord.from_fields(fields)
-
-    async def _enqueue(
-        self, cmd: StartCommand, key: str, *, previous: str | None = None
-    ) -> TaskRecord:
-        """Record, claim `key` (if any), then publish. Every Redis write comes
-        before the publish, so a task in the broker is always recorded and
-        holds its key; if publishing fails, the record is marked cancelled
-        (a message that got through anyway is then refused by the worker) and
-        the key goes back to `previous`."""
-        task_id = str(uuid.uuid4())
-        queue = cmd.queue or str(self._publisher.conf.task_default_queue)
-        scheduled = time.time() + cmd.countdown if cmd.countdown else None
-        fields = record.new_record_fields(
-            task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
-        )
-        rkey = record.task_key(self._prefix, task_id)
-        slot = record.slot_key(self._prefix, key)
-        ttl = self._settings.record_ttl
-        mapping: dict[FieldT, EncodableT] = {k: v for k, v in fields.items()}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(rkey, mapping=mapping)
-            pipe.expire(rkey, ttl)
-            await pipe.execute()
-        if key:
-            await self._redis.set(slot, task_id, ex=ttl)
-        try:
-            await self._call_celery(
-                lambda: self._publisher.send_task(
-                    cmd.task_name,
-                    args=cmd.args,
-                    kwargs=cmd.kwargs,
-                    task_id=task_id,
-                    countdown=cmd.countdown,
-                    queue=queue,
-                    # Celery takes float seconds here; its stubs say int.
-                    time_limit=cmd.time_limit,  # type: ignore[arg-type]
-                    soft_time_limit=cmd.soft_time_limit,  # type: ignore[arg-type]
-                )
-            )
-        except BaseException as exc:
-            with contextlib.suppress(redis.exceptions.RedisError, OSError, TaskNotFound):
-                await self._change(
-                    task_id,
-                    {record.PENDING},
-                    record.REVOKED,
-                    {
-                        "finished": repr(time.time()),
-                        "error_type": type(exc).__name__,
-                        "error_message": f"never enqueued: {exc}",
-                    },
-                )
-                if key:
-                    if previous:
-                        await self._redis.set(slot, previous, ex=ttl)
-                    else:
-                        await self._redis.delete(slot)
-            raise
-        return TaskRecord.from_fields(fields)
-
-    async def _hgetall(self, key: str) -> dict[str, str]:
-        # The client decodes responses, so keys and values are str.
-        fields: dict[str, str] = await self._redis.hgetall(key)  # type: ignore[assignment]
-        return fields
-
-    async def _call_celery(self, call: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, call)
-        except (kombu.exceptions.OperationalError, ConnectionError, TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(f"the Celery broker is unreachable: {exc}; retry") from exc
-
     # -- GetStatus -----------------------------------------------------------
 
     async def get(self, task_id: str) -> TaskRecord:
+        """The task's record; a task whose lease lapsed is ended LOST first."""
         task_id = parse_task_id(task_id)
-        fields = await self._hgetall(record.task_key(self._prefix, task_id))
-        if not fields:
+        payload = await self._run(self._scripts.read(task_id))
+        if payload is None:
             raise TaskNotFound(
                 f"no task {task_id}: it was never started here, or its record expired",
                 task_id=task_id,
             )
-        return TaskRecord.from_fields(fields)
+        return TaskRecord.from_json(payload)
 
     async def resolve_key(self, key: str) -> str:
         """The id of the current (else the latest) task under `key`."""
         check_exclusivity_key(key)
-        task_id = await self._redis.get(record.slot_key(self._prefix, key))
+        task_id = await self._redis.get(record.holder_key(self._prefix, key))
         if not task_id:
             raise KeyNotFound(
                 f"no task has run under exclusivity key {key!r} (or its record expired)",
@@ -334,74 +304,39 @@ class Backend:
 
     async def cancel(self, task_id: str, mode: str) -> TaskRecord:
         """Cancel; `mode` is GRACEFUL, TERMINATE or KILL."""
+        task_id = parse_task_id(task_id)
         # Like Start: a recorded cancel request is always followed by its revoke.
         return await _shielded(self._cancel(task_id, mode))
 
     async def _cancel(self, task_id: str, mode: str) -> TaskRecord:
-        rec = await self.get(task_id)
-        for _ in range(5):  # each retry follows a state change we raced with
-            if rec.state == record.REVOKED:
+        # Watch before changing, so the worker's confirmation cannot slip by.
+        async with self._hub.watch(task_id) as events:
+            status, detail = await self._run(self._scripts.cancel(task_id, mode, when=time.time()))
+            if status == "missing":
+                raise TaskNotFound(f"no task {task_id}: its record expired", task_id=task_id)
+            rec = TaskRecord.from_json(detail)
+            if status == "cancelled":
+                # The record already forbids running it (the worker checks);
+                # the broadcast also drops it from a worker holding it.
+                await self._broadcast_revoke(task_id)
                 return rec
-            if rec.terminal:
+            if status == "ended":
+                if rec.state == record.REVOKED:
+                    return rec
                 raise TaskFinished(
                     f"task {rec.id} already finished ({rec.state}); nothing to cancel",
                     task_id=rec.id,
                 )
-            if rec.state == record.PENDING:
-                changed = await self._change(
-                    rec.id,
-                    {record.PENDING},
-                    record.REVOKED,
-                    {"cancel": mode, "finished": repr(time.time())},
-                )
-                if changed is not None:
-                    # The record already forbids running it (TrackedTask checks);
-                    # the broadcast also drops it from a worker holding it.
-                    await self._broadcast_revoke(rec.id)
-                    return changed
-            elif mode == "GRACEFUL":
-                changed = await self._change(rec.id, {record.STARTED}, "", {"cancel": mode})
-                if changed is not None:
-                    return changed
-            else:
-                async with self._hub.watch(rec.id) as events:
-                    changed = await self._change(rec.id, {record.STARTED}, "", {"cancel": mode})
-                    if changed is not None:
-                        await self._revoke(rec.id, signal=SIGNALS[mode])
-                        return await self._await_end(rec.id, changed, events)
-            rec = await self.get(rec.id)
-        raise Unavailable(f"task {rec.id} kept changing state during the cancel; retry")
-
-    async def _change(
-        self, task_id: str, allowed: set[str], new_state: str, fields: dict[str, str]
-    ) -> TaskRecord | None:
-        """Apply a transition; None if the record is not in an allowed state."""
-        args = record.transition_args(
-            self._channel, self._settings.record_ttl, frozenset(allowed), new_state, fields
-        )
-        status, detail = await self._transition(
-            keys=[record.task_key(self._prefix, task_id)], args=args
-        )
-        if status == "missing":
-            raise TaskNotFound(f"no task {task_id}: its record expired", task_id=task_id)
-        if status != "ok":
-            return None
-        return TaskRecord.from_fields(_loads(detail))
-
-    async def _revoke(self, task_id: str, *, signal: str | None = None) -> None:
-        """Broadcast Celery's revoke; with `signal`, also terminate the
-        process running the task with it."""
-        revoke = self._publisher.control.revoke
-        if signal is None:
-            await self._call_celery(functools.partial(revoke, task_id))
-        else:
-            await self._call_celery(
-                functools.partial(revoke, task_id, terminate=True, signal=signal)
-            )
+            if rec.cancel == "GRACEFUL":
+                return rec
+            # Sent again on a repeated Cancel: the first broadcast may have
+            # reached no worker.
+            await self._publisher.revoke(task_id, signal=SIGNALS[rec.cancel])
+            return await self._await_end(task_id, rec, events)
 
     async def _broadcast_revoke(self, task_id: str) -> None:
         try:
-            await self._revoke(task_id)
+            await self._publisher.revoke(task_id)
         except BrokerUnavailable as exc:
             logger.warning(
                 "revoke broadcast for %s failed (%s); the record still forbids it", task_id, exc
@@ -422,6 +357,10 @@ class Backend:
             if event is Marker.SHUTDOWN:
                 break
             rec = await self._newer(task_id, rec, event) or rec
+        if not rec.terminal:
+            # No confirmation: if the worker is gone (its lease lapsed), this
+            # read ends the task now, and the key is free.
+            rec = await self.get(task_id)
         return rec
 
     async def _newer(
@@ -455,6 +394,22 @@ class Backend:
                     rec = newer
                     yield rec
 
+    # -- Leases --------------------------------------------------------------
+
+    async def sweep(self, batch: int = 100) -> int:
+        """End every task whose lease lapsed (LOST, or its Start abandoned);
+        the number ended."""
+        ended = 0
+        while True:
+            count, seen = await self._run(self._scripts.sweep(batch))
+            ended += int(count)
+            if int(seen) < batch:
+                return ended
+
+
+def _never_enqueued(rec: TaskRecord) -> bool:
+    return rec.error is not None and rec.error.type == record.NOT_ENQUEUED_ERROR
+
 
 async def _shielded(operation: Coroutine[Any, Any, T]) -> T:
     """Await `operation`, letting it finish even if the awaiting call is cancelled."""
@@ -468,8 +423,3 @@ def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
         # Retrieving the exception here keeps asyncio from warning "never
         # retrieved" when the caller left; a caller still waiting raises it.
         logger.debug("operation ended with %r", task.exception())
-
-
-def _loads(payload: str) -> dict[str, str]:
-    data: dict[str, str] = json.loads(payload)
-    return data

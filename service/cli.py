@@ -51,10 +51,18 @@ def _serve(settings: Settings) -> int:
 
 
 def _worker(celery_args: Sequence[str]) -> int:
-    from worker.app import app
+    from celery.bin.celery import celery
 
-    app.worker_main(["worker", "--loglevel=INFO", *celery_args])
-    return 0
+    from worker.app import app, configure
+
+    configure(app, Settings())
+    # Celery's own command line, so that its exit code reaches the caller
+    # (`app.worker_main` drops it): a supervisor must see a crash as one.
+    code = celery.main(
+        args=["-A", "worker.app", "worker", "--loglevel=INFO", *celery_args],
+        standalone_mode=False,
+    )
+    return code if isinstance(code, int) else 0
 
 
 def worker_command(*celery_args: str) -> list[str]:

@@ -6,7 +6,7 @@ the workers it feeds agree on where Redis and the broker are.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKSERVICE_", frozen=True, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding taskservice's task records, exclusivity locks and events."""
+    """Redis holding taskservice's task records, exclusivity keys, leases and events."""
 
     broker_url: str | None = None
     """Celery broker URL; defaults to `redis_url`."""
@@ -38,13 +38,37 @@ class Settings(BaseSettings):
     port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one."""
 
-    lock_wait: float = Field(default=4.0, gt=0)
-    """Seconds a Start waits for an exclusivity key's lock before answering
-    UNAVAILABLE."""
+    lease: float = Field(default=30.0, gt=0)
+    """Seconds a task's lease lasts. A worker renews the lease of every task it
+    runs (or holds unstarted) every `heartbeat_interval`; a task whose lease
+    lapses ends LOST and frees its exclusivity key. Workers and servers must
+    agree on it."""
 
-    lock_expiry: float = Field(default=30.0, gt=0)
-    """Seconds after which an exclusivity lock expires even if its holder
-    (a crashed server) never releases it."""
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    """Seconds between a worker's lease renewals; well below `lease`."""
+
+    sweep_interval: float = Field(default=1.0, gt=0)
+    """Seconds between each server's sweeps for lapsed leases: a dead worker's
+    task ends LOST within `lease` + `sweep_interval`."""
+
+    publish_timeout: float = Field(default=5.0, gt=0)
+    """Seconds a Start waits for the broker to take its message (less if the
+    caller's deadline is nearer) before answering UNAVAILABLE; the key is then
+    free and the message, should it arrive later, is refused."""
+
+    max_pending_publishes: int = Field(default=64, gt=0)
+    """Starts of one server that may wait for the broker at once; more answer
+    RESOURCE_EXHAUSTED (a stalled broker cannot pile up work)."""
+
+    worker_write_retry: float = Field(default=30.0, ge=0)
+    """Seconds a worker keeps retrying a record change while Redis is
+    unreachable (a restart, a failover) before giving up on it; a running task
+    whose changes were lost ends LOST through its lease."""
+
+    max_pending_calls: int = Field(default=20_000, gt=0)
+    """Calls that may wait to be picked up by the server before gRPC starts
+    dropping some (CANCELLED); gRPC's own default of 1,000 turns a burst of
+    Starts or watches into failures. Twice this is the hard limit."""
 
     record_ttl: int = Field(default=7 * 24 * 3600, gt=0)
     """Seconds a task's record is kept after its last change; after that its
@@ -65,6 +89,21 @@ class Settings(BaseSettings):
 
     shutdown_grace: float = Field(default=5.0, ge=0)
     """Seconds in-flight calls get to finish on shutdown."""
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_interval * 2 > self.lease:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g}s) must be at most half of "
+                f"lease ({self.lease:g}s), or a slow renewal lets a live task's lease lapse"
+            )
+        return self
+
+    @property
+    def provisional_lease(self) -> float:
+        """Seconds a Start's claim lives before its message is confirmed in the
+        broker: a server that dies in between frees the key after this."""
+        return self.publish_timeout + self.lease
 
     @property
     def effective_broker_url(self) -> str:

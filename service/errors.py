@@ -2,7 +2,9 @@
 
 Handlers and the backend raise the exceptions below; `to_status` turns any
 exception into a `grpc.Status` carrying a google.rpc.ErrorInfo whose reason
-a client can branch on. Hierarchy:
+a client can branch on. Errors of redis-py and kombu are translated by the
+two tables at the end (`REDIS_ERRORS`, `BROKER_ERRORS`): the most specific
+match wins. Hierarchy (code, then reason = the class's `reason`):
 
     TaskServiceError                      (abstract)
       InvalidArgument        INVALID_ARGUMENT    bad id, key or option; args that do not bind
@@ -12,9 +14,19 @@ a client can branch on. Hierarchy:
       KeyNotFound            NOT_FOUND           no task ever ran under the key (or it expired)
       TaskAlreadyRunning     ALREADY_EXISTS      the key is held; metadata task_id = holder
       TaskFinished           FAILED_PRECONDITION cancel of a task that already finished
+      Misconfigured          FAILED_PRECONDITION the server cannot use Redis or the broker as
+                                                 configured (credentials, ACL): retrying is
+                                                 pointless until an operator fixes it
+        RedisMisconfigured
+        BrokerMisconfigured
+      ResourceExhausted      RESOURCE_EXHAUSTED  retry later, with backoff
+        PublishBacklog                           too many Starts are waiting for the broker
+        RedisOutOfMemory                         Redis reached its maxmemory
+        RedisPoolExhausted                       every Redis connection of the server is busy
       Unavailable            UNAVAILABLE         retryable
-        LockTimeout                              the key's lock was not free within lock_wait
-        RedisUnavailable                         Redis unreachable (redis-py errors map here too)
+        RedisUnavailable                         Redis unreachable or too slow
+        RedisBusy                                Redis is loading, or running a long script
+        RedisReadOnly                            Redis is a replica (failover in progress)
         BrokerUnavailable                        the broker refused or timed out
         ShuttingDown                             the server is draining
     anything else            INTERNAL            a bug; logged with its traceback
@@ -25,6 +37,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+import kombu.exceptions
 import redis.exceptions
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -47,77 +60,226 @@ class TaskServiceError(Exception):
 
 
 class InvalidArgument(TaskServiceError):
+    """The request is malformed: fix it before retrying."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
 
 class TaskTypeNotFound(InvalidArgument):
+    """The task name is not one ListTaskTypes lists."""
+
     reason = "TASK_TYPE_NOT_FOUND"
 
 
 class ArgsTooLarge(InvalidArgument):
+    """args and kwargs together exceed TASKSERVICE_MAX_ARGS_BYTES."""
+
     reason = "ARGS_TOO_LARGE"
 
 
 class TaskNotFound(TaskServiceError):
+    """No task has this id: never started here, or its record expired."""
+
     code = grpc.StatusCode.NOT_FOUND
     reason = "TASK_NOT_FOUND"
 
 
 class KeyNotFound(TaskServiceError):
+    """No task has run under this exclusivity key (or its record expired)."""
+
     code = grpc.StatusCode.NOT_FOUND
     reason = "KEY_NOT_FOUND"
 
 
 class TaskAlreadyRunning(TaskServiceError):
+    """An unfinished task holds the exclusivity key; metadata task_id names it."""
+
     code = grpc.StatusCode.ALREADY_EXISTS
     reason = "TASK_ALREADY_RUNNING"
 
 
 class TaskFinished(TaskServiceError):
+    """The task already finished, so it cannot be cancelled."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "TASK_FINISHED"
 
 
+class Misconfigured(TaskServiceError):
+    """The server cannot use Redis or the broker as configured; an operator must act."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MISCONFIGURED"
+
+
+class RedisMisconfigured(Misconfigured):
+    """Redis refused taskservice's credentials or permissions (AUTH, ACL)."""
+
+    reason = "REDIS_MISCONFIGURED"
+
+
+class BrokerMisconfigured(Misconfigured):
+    """The broker refused taskservice's credentials or permissions."""
+
+    reason = "BROKER_MISCONFIGURED"
+
+
+class ResourceExhausted(TaskServiceError):
+    """A capacity limit was reached; retry later, with backoff."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class PublishBacklog(ResourceExhausted):
+    """Too many Starts of this server are waiting for the broker."""
+
+    reason = "PUBLISH_BACKLOG"
+
+
+class RedisOutOfMemory(ResourceExhausted):
+    """Redis reached its maxmemory and refuses writes."""
+
+    reason = "REDIS_OUT_OF_MEMORY"
+
+
+class RedisPoolExhausted(ResourceExhausted):
+    """Every Redis connection of this server is in use."""
+
+    reason = "REDIS_POOL_EXHAUSTED"
+
+
 class Unavailable(TaskServiceError):
+    """Temporarily unable to serve; retry (with backoff)."""
+
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
 
 
-class LockTimeout(Unavailable):
-    reason = "LOCK_TIMEOUT"
-
-
 class RedisUnavailable(Unavailable):
+    """Redis is unreachable or did not answer in time."""
+
     reason = "REDIS_UNAVAILABLE"
 
 
+class RedisBusy(Unavailable):
+    """Redis is loading its data, or busy with a long script."""
+
+    reason = "REDIS_BUSY"
+
+
+class RedisReadOnly(Unavailable):
+    """Redis answered as a read-only replica: a failover is under way."""
+
+    reason = "REDIS_READ_ONLY"
+
+
 class BrokerUnavailable(Unavailable):
+    """The Celery broker refused the message or did not confirm it in time."""
+
     reason = "BROKER_UNAVAILABLE"
 
 
 class ShuttingDown(Unavailable):
+    """This server is draining; call another, or again."""
+
     reason = "SHUTTING_DOWN"
 
 
-def _translate(exc: BaseException) -> TaskServiceError:
+_CREDENTIALS = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthenticationWrongNumberOfArgsError,
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.NoPermissionError,
+)
+
+ErrorMap = tuple[tuple[type[BaseException], str, type[TaskServiceError], str], ...]
+
+REDIS_ERRORS: ErrorMap = (
+    # (exception class, message prefix or "", what it becomes, the message a caller reads)
+    (redis.exceptions.AuthenticationError, "", RedisMisconfigured, "Redis refused the credentials"),
+    (
+        redis.exceptions.AuthenticationWrongNumberOfArgsError,
+        "",
+        RedisMisconfigured,
+        "Redis refused the credentials",
+    ),
+    (redis.exceptions.AuthorizationError, "", RedisMisconfigured, "Redis refused the user"),
+    (
+        redis.exceptions.NoPermissionError,
+        "",
+        RedisMisconfigured,
+        "the Redis user lacks a permission",
+    ),
+    (redis.exceptions.MaxConnectionsError, "", RedisPoolExhausted, "all Redis connections busy"),
+    (redis.exceptions.BusyLoadingError, "", RedisBusy, "Redis is loading its data"),
+    (redis.exceptions.ReadOnlyError, "", RedisReadOnly, "Redis is a read-only replica"),
+    (redis.exceptions.OutOfMemoryError, "", RedisOutOfMemory, "Redis is out of memory"),
+    (redis.exceptions.TryAgainError, "", RedisBusy, "Redis asked to try again"),
+    (redis.exceptions.ResponseError, "BUSY", RedisBusy, "Redis is busy running a script"),
+    (redis.exceptions.ConnectionError, "", RedisUnavailable, "Redis is unreachable"),
+    (redis.exceptions.TimeoutError, "", RedisUnavailable, "Redis did not answer in time"),
+)
+"""redis-py's errors, most specific first (subclasses before their bases)."""
+
+BROKER_ERRORS: ErrorMap = (
+    *((cls, "", BrokerMisconfigured, "the broker refused the server's credentials")
+      for cls in _CREDENTIALS),
+    (kombu.exceptions.OperationalError, "", BrokerUnavailable, "the broker is unreachable"),
+    (redis.exceptions.RedisError, "", BrokerUnavailable, "the broker failed"),
+    (ConnectionError, "", BrokerUnavailable, "the broker is unreachable"),
+    (TimeoutError, "", BrokerUnavailable, "the broker did not answer in time"),
+    (OSError, "", BrokerUnavailable, "the broker is unreachable"),
+)  # fmt: skip
+"""Errors of a call to the Celery broker (publish, revoke), most specific first."""
+
+
+def _match(exc: BaseException, table: ErrorMap) -> TaskServiceError | None:
+    for cls, prefix, ours, message in table:
+        if isinstance(exc, cls) and str(exc).startswith(prefix):
+            error = ours(f"{message} ({_short(exc)}); {_advice(ours)}")
+            if isinstance(error, Misconfigured):
+                logger.error("configuration error: %s", error.message, exc_info=exc)
+            return error
+    return None
+
+
+def broker_error(exc: BaseException) -> TaskServiceError | None:
+    """What a failed broker call means to a caller; None if it is no broker error."""
+    return _match(exc, BROKER_ERRORS)
+
+
+def translate(exc: BaseException) -> TaskServiceError:
+    """The TaskServiceError a caller gets for `exc` (INTERNAL for a bug, logged)."""
     if isinstance(exc, TaskServiceError):
         return exc
-    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
-        return RedisUnavailable(f"Redis is unreachable: {exc}")
-    if isinstance(exc, redis.exceptions.BusyLoadingError):
-        return RedisUnavailable("Redis is loading its dataset")
+    error = _match(exc, REDIS_ERRORS)
+    if error is not None:
+        return error
     logger.error("internal error", exc_info=exc)
     return TaskServiceError("internal error; the server log has the details")
 
 
 def to_status(exc: BaseException) -> grpc.Status:
     """The gRPC status (with ErrorInfo) a caller receives for `exc`."""
-    error = _translate(exc)
+    error = translate(exc)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
     status = status_pb2.Status(code=_CODES[error.code], message=error.message)
     status.details.add().Pack(info)
     return rpc_status.to_status(status)
+
+
+def _advice(cls: type[TaskServiceError]) -> str:
+    if issubclass(cls, Misconfigured):
+        return "retrying will not help until an operator fixes the server's settings"
+    return "retry with backoff"
+
+
+def _short(exc: BaseException) -> str:
+    # Foreign messages may echo keys or arguments: keep trailers small.
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 _CODES: dict[grpc.StatusCode, int] = {
@@ -125,6 +287,7 @@ _CODES: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
     grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,
 }

@@ -36,6 +36,8 @@ class Marker(enum.Enum):
 
 Event = TaskRecord | Marker
 
+CLOSE_WAIT = 2.0
+
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -62,15 +64,17 @@ class EventHub:
             await asyncio.wait_for(self._connected.wait(), wait)
 
     async def close(self) -> None:
-        """Stop listening and end every stream."""
+        """Stop listening and end every stream, in at most CLOSE_WAIT seconds
+        (a subscription stuck on a dead socket must not hang a shutdown)."""
         self._closing = True
         for queues in self._watchers.values():
             for queue in queues:
                 queue.put_nowait(Marker.SHUTDOWN)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
+            if not done:
+                logger.warning("event hub did not stop within %gs; leaving it", CLOSE_WAIT)
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
@@ -122,7 +126,7 @@ class EventHub:
                 delay = min(delay * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)  # type: ignore[no-untyped-call]
 
     def _dispatch(self, data: str) -> None:
         task_id, _, payload = data.partition(" ")

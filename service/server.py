@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
@@ -17,6 +18,7 @@ from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.backend import Backend
 from service.config import Settings
 from service.hub import EventHub
+from service.publisher import Publisher
 from service.reflection import add_reflection
 from service.servicer import TaskServiceServicer
 from worker import record
@@ -56,8 +58,12 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     Imports the task modules in `settings.tasks`; only their exposed tasks
     can be started.
     """
-    from worker.app import create_publisher, registry
+    from worker.app import app, configure, create_publisher, registry
 
+    if app.settings is None:
+        # Reading task names and signatures configures the app: let it see
+        # these settings rather than the environment.
+        configure(app, settings)
     registry.load(settings.task_modules)
     client = aioredis.Redis.from_url(
         settings.redis_url,
@@ -76,9 +82,15 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     )
     hub = EventHub(sub_client, record.events_channel(settings.key_prefix))
     await hub.start(wait=settings.redis_timeout)
-    backend = Backend(settings, registry, create_publisher(settings), client, hub)
+    publisher = Publisher(create_publisher(settings), settings)
+    backend = Backend(settings, registry, publisher, client, hub)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.server.max_pending_requests", settings.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
+        ]
+    )
     pb_grpc.add_TaskServiceServicer_to_server(TaskServiceServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -89,9 +101,10 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     await server.start()
     running = Server(server=server, port=bound, backend=backend, health=health_servicer)
     await _report_health(backend, health_servicer)
-    running._tasks.append(
-        asyncio.create_task(_health_loop(backend, health_servicer, settings.health_interval))
-    )
+    running._tasks += [
+        asyncio.create_task(_health_loop(backend, health_servicer, settings.health_interval)),
+        asyncio.create_task(_sweep_loop(backend, settings.sweep_interval)),
+    ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
 
@@ -114,6 +127,21 @@ async def _health_loop(
             await _report_health(backend, servicer)
         except Exception:
             logger.exception("health check failed")
+
+
+async def _sweep_loop(backend: Backend, interval: float) -> None:
+    """End tasks whose lease lapsed. Every server sweeps; each expiry is one
+    atomic script, so a task is never ended twice."""
+    while True:
+        try:
+            ended = await backend.sweep()
+            if ended:
+                logger.info("ended %d task(s) whose lease lapsed", ended)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            logger.debug("lease sweep failed (%s); next in %gs", exc, interval)
+        except Exception:
+            logger.exception("lease sweep failed")
+        await asyncio.sleep(interval)
 
 
 async def serve(settings: Settings) -> None:

@@ -92,6 +92,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
                 queue=options.queue,
                 time_limit=_seconds(options, "time_limit"),
                 soft_time_limit=_seconds(options, "soft_time_limit"),
+                time_remaining=context.time_remaining(),
             )
         )
         return pb.StartResponse(

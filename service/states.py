@@ -7,12 +7,13 @@
 | SUCCESS                | SUCCEEDED   |                                             |
 | FAILURE                | FAILED      | LOST if the error is WorkerLostError        |
 | REVOKED                | CANCELLED   |                                             |
+| LOST (ours, not Celery)| LOST        | its worker died or stopped heartbeating     |
 """
 
 from __future__ import annotations
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
-from worker.record import TaskRecord
+from worker.record import WORKER_LOST_ERROR, TaskRecord
 
 _STATES: dict[str, pb.TaskState.ValueType] = {
     "PENDING": pb.TASK_STATE_QUEUED,
@@ -23,13 +24,13 @@ _STATES: dict[str, pb.TaskState.ValueType] = {
     "SUCCESS": pb.TASK_STATE_SUCCEEDED,
     "FAILURE": pb.TASK_STATE_FAILED,
     "REVOKED": pb.TASK_STATE_CANCELLED,
+    "LOST": pb.TASK_STATE_LOST,
 }
-
-WORKER_LOST_ERROR = "WorkerLostError"
 
 
 def task_state(rec: TaskRecord) -> pb.TaskState.ValueType:
     """The TaskState callers see for a record."""
+    # Records written before LOST was a state of its own say it this way.
     if rec.state == "FAILURE" and rec.error is not None and rec.error.type == WORKER_LOST_ERROR:
         return pb.TASK_STATE_LOST
     return _STATES.get(rec.state, pb.TASK_STATE_UNSPECIFIED)

@@ -26,6 +26,10 @@ os.environ.update(
     TASKSERVICE_KEY_PREFIX=f"ts-test-{uuid.uuid4().hex[:8]}",
     TASKSERVICE_TASKS="worker.tasks,tests.support.tasks",
     TASKSERVICE_CANCEL_WAIT="5",
+    # Short leases, so that faults resolve within seconds (defaults: 30/10/1).
+    TASKSERVICE_LEASE="3",
+    TASKSERVICE_HEARTBEAT_INTERVAL="0.5",
+    TASKSERVICE_SWEEP_INTERVAL="0.25",
 )
 for name in ("TASKSERVICE_BROKER_URL", "TASKSERVICE_RESULT_BACKEND", "TASKSERVICE_PORT"):
     os.environ.pop(name, None)

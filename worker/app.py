@@ -8,30 +8,37 @@ Add your own tasks in a module listed in TASKSERVICE_TASKS:
     @expose()
     @app.task(bind=True, name="reports.build")
     def build(self, month: str) -> dict: ...
+
+Importing this module reads no settings: `configure(app, settings)` points
+the app at a Redis and a broker. When nothing called it, the app configures
+itself from TASKSERVICE_* variables the first time Celery reads its
+configuration (as `celery -A worker.app worker` does).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from service.config import Settings
-from worker import signals
+from worker import heartbeat, signals
 from worker.registry import TaskRegistry
 
+MAX_COUNTDOWN = 3600.0
+"""The longest countdown a Start may ask for, in seconds."""
 
-def create_app(settings: Settings) -> signals.TaskServiceCelery:
-    """Build the Celery app for `settings`, with its state-reporting hooks."""
-    app = signals.TaskServiceCelery(
-        "taskservice",
-        broker=settings.effective_broker_url,
-        backend=settings.effective_result_backend,
-        task_cls="worker.signals:TrackedTask",
-        include=list(settings.task_modules),
-        set_as_current=False,
-    )
-    _configure(app, settings)
-    signals.connect(app, settings)
-    return app
+VISIBILITY_TIMEOUT = 2 * MAX_COUNTDOWN
+"""Seconds after which kombu's Redis transport redelivers a message nobody
+acknowledged. A worker acknowledges a task when it starts it, so a countdown
+task stays unacknowledged for up to MAX_COUNTDOWN: the timeout must exceed it,
+or the task would be delivered twice (the second run is refused anyway)."""
+
+
+def configure(app: signals.TaskServiceCelery, settings: Settings) -> None:
+    """Point `app` at `settings` (Redis, broker, task modules) and connect
+    the hooks that keep task records current."""
+    _apply(app, settings, force=True)
 
 
 def create_publisher(settings: Settings) -> Celery:
@@ -41,41 +48,69 @@ def create_publisher(settings: Settings) -> Celery:
     sender to each sent task's result channel, which a long-running server
     must not accumulate; taskservice's records carry results instead.
     """
-    publisher = Celery(
-        "taskservice-publisher", broker=settings.effective_broker_url, set_as_current=False
-    )
-    _configure(publisher, settings)
+    publisher = Celery("taskservice-publisher", set_as_current=False)
+    config = celery_config(settings)
+    del config["result_backend"]
+    publisher.config_from_object(config)
     return publisher
 
 
-def _configure(app: Celery, settings: Settings) -> None:
-    app.conf.update(
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery's settings for taskservice's apps."""
+    timeouts = {
+        # kombu's Redis transport waits forever by default: a broker that
+        # accepts and never answers would hang a publish for good.
+        "socket_timeout": settings.redis_timeout * 5,
+        "socket_connect_timeout": settings.redis_timeout,
+    }
+    return {
+        "broker_url": settings.effective_broker_url,
+        "result_backend": settings.effective_result_backend,
+        "include": list(settings.task_modules),
         # JSON end to end: results become google.protobuf.Value, and a result
         # JSON cannot encode fails the task with EncodeError (never pickled).
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
         # One task per worker process at a time: queued tasks wait in the
         # broker (where Cancel finds them QUEUED), not in a busy worker's buffer.
-        worker_prefetch_multiplier=1,
-        # A Start fails fast (UNAVAILABLE) when the broker is down rather than
-        # retrying for long under the exclusivity lock.
-        task_publish_retry_policy={
+        "worker_prefetch_multiplier": 1,
+        # A Start fails fast (UNAVAILABLE) when the broker is down.
+        "task_publish_retry_policy": {
             "max_retries": 2,
             "interval_start": 0,
             "interval_step": 0.2,
             "interval_max": 0.5,
         },
-        broker_connection_timeout=settings.redis_timeout,
-        broker_connection_retry_on_startup=True,
-        redis_socket_timeout=settings.redis_timeout * 5,
-        redis_socket_connect_timeout=settings.redis_timeout,
-        worker_hijack_root_logger=True,
-    )
+        "broker_connection_timeout": settings.redis_timeout,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {**timeouts, "visibility_timeout": VISIBILITY_TIMEOUT},
+        "redis_socket_timeout": settings.redis_timeout * 5,
+        "redis_socket_connect_timeout": settings.redis_timeout,
+        "worker_hijack_root_logger": True,
+    }
 
 
-settings = Settings()
-app = create_app(settings)
+app = signals.TaskServiceCelery(
+    "taskservice", task_cls="worker.signals:TrackedTask", set_as_current=False
+)
 registry = TaskRegistry()
 expose = registry.expose
+
+
+app.steps["worker"].add(heartbeat.Heartbeat)
+
+
+@app.on_configure.connect
+def _configure_from_environment(sender: signals.TaskServiceCelery, **_: Any) -> None:
+    if sender.settings is None:
+        # Celery is reading the configuration right now: hand it the source
+        # without forcing a reload.
+        _apply(sender, Settings(), force=False)
+
+
+def _apply(app: signals.TaskServiceCelery, settings: Settings, *, force: bool) -> None:
+    app.settings = settings
+    app.config_from_object(celery_config(settings), force=force)
+    signals.connect(app, settings)

@@ -1,20 +1,35 @@
-"""The per-task record in Redis: key names, fields and the transition script.
+"""The per-task record in Redis: key names, states and fields.
 
-The server creates a record when it accepts a Start; the worker's hooks move
-it along (started, progress, finished); Cancel marks it. Every change goes
-through one Lua script that bumps the record's sequence number and publishes
-the whole record on one channel, so watchers see every change, in order, from
-a single subscription per server process.
+The server creates a record when it accepts a Start; the worker moves it
+along (started, progress, finished); Cancel marks it; the lease sweeper ends
+it LOST when nobody renews its lease. Every change is a *transition*: one of
+the Lua scripts in `worker.scripts`, which bumps the record's sequence number
+and publishes the whole record on one channel, so watchers see every change,
+in order, from a single subscription per server process.
 
 Record states use Celery's vocabulary (PENDING, STARTED, SUCCESS, FAILURE,
-REVOKED): `service.states` maps them to `taskservice.v1.TaskState`.
+REVOKED) plus LOST: `service.states` maps them to `taskservice.v1.TaskState`.
 
-Keys (each multi-key operation stays inside one hash tag, so Redis Cluster
-remains possible):
+Keys:
     <prefix>:task:{<task id>}        HASH   the record
-    <prefix>:key:{<exclusivity key>} STRING id of the latest task under the key
-    <prefix>:lock:{<exclusivity key>}       the Start lock of the key
+    <prefix>:key:{<exclusivity key>} STRING the key's *holder*: the id of the
+                                            latest task started under the key.
+                                            The key is held while that task is
+                                            active; a terminal state frees it.
+    <prefix>:leases                  ZSET   task id -> lease deadline (ms, Redis
+                                            clock) of every task whose liveness
+                                            someone must prove: running tasks
+                                            (renewed by their worker), tasks a
+                                            worker holds unstarted, and Starts
+                                            whose message is not yet confirmed
+                                            in the broker
     <prefix>:events                  pub/sub channel: "<task id> <record JSON>"
+
+A transition touches the record and, at most, the key's holder and the lease
+set; the holder check of a Start also reads the holder's record. Those keys do
+not share one hash tag, so Redis Cluster would need the record and the holder
+co-located first (see ROADMAP); every script is written against a single
+Redis (or a primary with replicas/Sentinel).
 """
 
 from __future__ import annotations
@@ -30,55 +45,31 @@ STARTED = "STARTED"
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REVOKED = "REVOKED"
+LOST = "LOST"
 ACTIVE_STATES = frozenset({PENDING, STARTED})
-TERMINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+TERMINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED, LOST})
 
 CANCEL_MODES = ("GRACEFUL", "TERMINATE", "KILL")
+"""Cancel modes, weakest first: a later Cancel may escalate, never soften."""
+
+WORKER_LOST_ERROR = "WorkerLostError"
+NOT_ENQUEUED_ERROR = "NotEnqueued"
 
 
 def task_key(prefix: str, task_id: str) -> str:
     return f"{prefix}:task:{{{task_id}}}"
 
 
-def slot_key(prefix: str, exclusivity_key: str) -> str:
+def holder_key(prefix: str, exclusivity_key: str) -> str:
     return f"{prefix}:key:{{{exclusivity_key}}}"
 
 
-def lock_key(prefix: str, exclusivity_key: str) -> str:
-    return f"{prefix}:lock:{{{exclusivity_key}}}"
+def leases_key(prefix: str) -> str:
+    return f"{prefix}:leases"
 
 
 def events_channel(prefix: str) -> str:
     return f"{prefix}:events"
-
-
-# KEYS[1] record. ARGV: channel, ttl, allowed states (comma list), new state
-# ("" keeps it), then field/value pairs.
-# Returns {"ok", record JSON} | {"missing", ""} | {"rejected", current state}.
-# A task whose cancel was requested ends REVOKED even if it then succeeds or
-# fails: the caller asked for it to stop, and its key must be free.
-TRANSITION_LUA = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {'missing', ''} end
-if string.find(',' .. ARGV[3] .. ',', ',' .. state .. ',', 1, true) == nil then
-  return {'rejected', state}
-end
-local new_state = ARGV[4]
-if (new_state == 'SUCCESS' or new_state == 'FAILURE')
-    and redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
-  new_state = 'REVOKED'
-end
-if new_state ~= '' then redis.call('HSET', KEYS[1], 'state', new_state) end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
-redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-local flat = redis.call('HGETALL', KEYS[1])
-local rec = {}
-for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
-local payload = cjson.encode(rec)
-redis.call('PUBLISH', ARGV[1], rec['id'] .. ' ' .. payload)
-return {'ok', payload}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +110,12 @@ class TaskRecord:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @classmethod
+    def from_json(cls, payload: str | bytes) -> TaskRecord:
+        """A record from the JSON the scripts return and publish."""
+        fields: dict[str, str] = json.loads(payload)
+        return cls.from_fields(fields)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> TaskRecord:
@@ -183,17 +180,3 @@ def new_record_fields(
     if scheduled is not None:
         fields["scheduled"] = repr(scheduled)
     return fields
-
-
-def transition_args(
-    channel: str,
-    ttl: int,
-    allowed: frozenset[str],
-    new_state: str,
-    fields: Mapping[str, str],
-) -> list[str]:
-    """ARGV for TRANSITION_LUA."""
-    args = [channel, str(ttl), ",".join(sorted(allowed)), new_state]
-    for name, value in fields.items():
-        args += [name, value]
-    return args

@@ -1,88 +1,158 @@
 """The hooks that report a task's life back to its taskservice record.
 
 `TrackedTask` (the base class of every task on taskservice's app) marks the
-record STARTED before the task body runs, and refuses to run a task whose
-record was already cancelled (a cancel recorded while the task sat in the
-broker wins even if the worker never got Celery's revoke broadcast). It also
-gives task code `report_progress` and `cancel_requested`.
+record STARTED before the task body runs and records its outcome when the
+body returns or raises. It refuses to run a task whose record is already
+terminal (cancelled while queued, lost, finished: a redelivered message) or
+that another execution is running under a live lease, so a task id runs its
+body at most once. It also gives task code `report_progress` and
+`cancel_requested`.
 
-Celery's signals report the end: success, failure (including time limits,
-unencodable results and lost worker processes), revocation and retries.
+Ends that happen outside the task body are reported from Celery's signals in
+the worker's main process: a pool process that died (LOST), a hard time
+limit, a revoke with terminate, an internal error, a task type the worker
+does not know. `worker.heartbeat` renews the leases of the tasks a worker
+holds; whatever cannot be written ends LOST when the lease lapses.
+
+Every write retries with backoff for up to `worker_write_retry` seconds, so a
+Redis restart or failover does not lose it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import traceback
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
+import kombu.exceptions
 import redis
+import redis.exceptions
+from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
-from celery.exceptions import Ignore
-from celery.signals import task_failure, task_retry, task_revoked, task_success
+from celery.exceptions import Ignore, Reject, Retry
+from celery.signals import task_failure, task_internal_error, task_revoked, task_unknown
 from kombu.utils.json import dumps as json_dumps
+from redis.commands.core import Script
 
 from service.config import Settings
 from worker import record
+from worker.scripts import Call, Scripts
 
 logger = logging.getLogger(__name__)
 
+# Errors that a Redis restart or failover causes, and that pass.
+_TRANSIENT = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+)
+_PERMANENT = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+
 
 class Reporter:
-    """Writes record transitions for one worker process (and its pool children;
-    redis-py reconnects after a fork)."""
+    """Writes record transitions for one worker (its main process and pool
+    children alike: redis-py reconnects after a fork)."""
 
     def __init__(self, settings: Settings) -> None:
-        self._prefix = settings.key_prefix
-        self._ttl = settings.record_ttl
-        self._channel = record.events_channel(settings.key_prefix)
+        self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
+        self.lease_ms = int(settings.lease * 1000)
+        self._retry_for = settings.worker_write_retry
         self._client = redis.Redis.from_url(
             settings.redis_url,
             decode_responses=True,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
-            retry_on_timeout=True,
         )
-        self._transition = self._client.register_script(record.TRANSITION_LUA)
+        self._loaded: dict[str, Script] = {}
+
+    def run(self, call: Call) -> Any:
+        """Run a script, retrying while Redis is unreachable (for at most
+        `worker_write_retry` seconds)."""
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.05
+        while True:
+            try:
+                script = self._loaded.get(call.script)
+                if script is None:
+                    script = self._loaded[call.script] = self._client.register_script(call.script)
+                return script(keys=call.keys, args=call.args)
+            except _PERMANENT:
+                raise
+            except _TRANSIENT as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("record write failed (%s); retrying in %.2fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def begin(self, task_id: str, worker: str) -> bool:
+        """Mark the task STARTED by this execution; False if it must not run."""
+        run = f"{worker}/{uuid.uuid4().hex}"
+        status, detail = self.run(
+            self.scripts.start(
+                task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
+            )
+        )
+        if status == "ended":
+            logger.info("task %s already ended (%s); not running it", task_id, detail)
+            return False
+        if status == "running":
+            logger.warning("task %s is running on %s; not running it twice", task_id, detail)
+            return False
+        # "missing": sent to this app by something other than taskservice.
+        return True
 
     def transition(
         self,
         task_id: str,
-        allowed: frozenset[str],
+        allowed: Iterable[str],
         new_state: str = "",
         fields: dict[str, str] | None = None,
-    ) -> tuple[str, str]:
-        """Apply a change; returns ("ok", record JSON), ("missing", "") or
-        ("rejected", current state)."""
-        args = record.transition_args(self._channel, self._ttl, allowed, new_state, fields or {})
-        status, detail = self._transition(keys=[record.task_key(self._prefix, task_id)], args=args)
-        return str(status), str(detail)
+    ) -> str:
+        """Apply a change; "ok", "rejected" (not in an allowed state) or "missing"."""
+        status, _ = self.run(self.scripts.transition(task_id, allowed, new_state, fields))
+        return str(status)
 
     def finish(self, task_id: str, new_state: str, fields: dict[str, str]) -> None:
         fields = {"finished": repr(time.time()), **fields}
-        status, detail = self.transition(task_id, record.ACTIVE_STATES, new_state, fields)
-        if status == "rejected":
-            logger.debug("task %s already ended as %s; %s not recorded", task_id, detail, new_state)
+        if self.transition(task_id, record.ACTIVE_STATES, new_state, fields) == "rejected":
+            logger.debug("task %s already ended; %s not recorded", task_id, new_state)
+
+    def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> None:
+        self.finish(
+            task_id,
+            record.FAILURE,
+            {"error_type": error_type, "error_message": message, "traceback": trace},
+        )
+
+    def succeed(self, task_id: str, result: Any) -> None:
+        try:
+            encoded = json_dumps(result)
+        except (TypeError, ValueError, kombu.exceptions.EncodeError) as exc:
+            # Whether or not Celery stores results (ignore_result), a value
+            # JSON cannot carry fails the task: callers could not read it.
+            self.fail(task_id, "EncodeError", str(exc), traceback.format_exc())
+            return
+        self.finish(task_id, record.SUCCESS, {"result": encoded})
 
     def cancel_requested(self, task_id: str) -> bool:
-        key = record.task_key(self._prefix, task_id)
+        key = record.task_key(self.scripts.prefix, task_id)
         return bool(self._client.hexists(key, "cancel"))
 
 
 class TaskServiceCelery(Celery):
-    """The Celery app, carrying the reporter its tasks and hooks write with."""
+    """The Celery app, carrying the settings it was configured with and the
+    reporter its tasks, hooks and heartbeat write with."""
 
+    settings: Settings | None = None
     reporter: Reporter
 
 
-def _reporter(app: Celery) -> Reporter:
-    reporter = _maybe_reporter(app)
-    if reporter is None:
-        raise RuntimeError("TrackedTask used on an app without worker.signals.connect()")
-    return reporter
-
-
-def _maybe_reporter(app: Celery) -> Reporter | None:
+def _reporter(app: Celery) -> Reporter | None:
     # Signals fire for every app in the process; only ours has a reporter.
     reporter: Reporter | None = getattr(app, "reporter", None)
     return reporter
@@ -92,18 +162,53 @@ class TrackedTask(Task):  # type: ignore[type-arg]
     """Base class of taskservice tasks: keeps the task's record current."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        task_id = self.request.id
-        if task_id and not self.request.called_directly:
-            status, detail = _reporter(self.app).transition(
-                task_id,
-                frozenset({record.PENDING}),
-                record.STARTED,
-                {"started": repr(time.time()), "worker": self.request.hostname or ""},
+        request = self.request
+        reporter = _reporter(self.app)
+        task_id: str | None = request.id
+        if not task_id or request.called_directly or reporter is None:
+            return super().__call__(*args, **kwargs)
+        if not reporter.begin(task_id, request.hostname or ""):
+            raise Ignore()
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry:
+            raise  # apply_async already sent it back to the queue
+        except (Ignore, Reject) as exc:
+            reporter.fail(
+                task_id, type(exc).__name__, f"the task ended itself with {exc!r}; no outcome"
             )
-            if status == "rejected" and detail == record.REVOKED:
-                logger.info("task %s was cancelled before it started; not running it", task_id)
-                raise Ignore()
-        return super().__call__(*args, **kwargs)
+            raise
+        except Exception as exc:
+            reporter.fail(task_id, type(exc).__name__, str(exc), traceback.format_exc())
+            raise
+        reporter.succeed(task_id, result)
+        return result
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        *rest: Any,
+        **options: Any,
+    ) -> Any:
+        request = self.request
+        reporter = _reporter(self.app)
+        retrying = (
+            reporter is not None
+            and task_id is not None
+            and not request.called_directly
+            and task_id == request.id
+        )
+        if not retrying or reporter is None or task_id is None:
+            return super().apply_async(args, kwargs, task_id, *rest, **options)
+        # A retry: back to QUEUED *before* the new message exists, so its next
+        # run can never be moved back by this one. The lease stays until the
+        # message is out, so a worker dying in between still frees the key.
+        reporter.transition(task_id, {record.STARTED}, record.PENDING)
+        result = super().apply_async(args, kwargs, task_id, *rest, **options)
+        reporter.run(reporter.scripts.release([task_id]))
+        return result
 
     def update_state(
         self,
@@ -114,16 +219,15 @@ class TrackedTask(Task):  # type: ignore[type-arg]
     ) -> None:
         super().update_state(task_id, state, meta, **kwargs)
         task_id = task_id or self.request.id
-        if state == "PROGRESS" and task_id:
+        reporter = _reporter(self.app)
+        if state == "PROGRESS" and task_id and reporter is not None:
             meta = meta or {}
             progress = {
                 "current": float(meta.get("current", 0)),
                 "total": float(meta.get("total", 0)),
                 "message": str(meta.get("message", "")),
             }
-            _reporter(self.app).transition(
-                task_id, frozenset({record.STARTED}), "", {"progress": json_dumps(progress)}
-            )
+            reporter.transition(task_id, {record.STARTED}, "", {"progress": json_dumps(progress)})
 
     def report_progress(self, current: float, total: float = 0, message: str = "") -> None:
         """Report progress: `current` of `total` units done (total 0: unknown)."""
@@ -136,18 +240,13 @@ class TrackedTask(Task):  # type: ignore[type-arg]
         stop early after a graceful cancel (raising any exception ends it
         CANCELLED)."""
         task_id: str | None = self.request.id
-        if not task_id:
+        reporter = _reporter(self.app)
+        if not task_id or reporter is None:
             return False
-        return _reporter(self.app).cancel_requested(task_id)
+        return reporter.cancel_requested(task_id)
 
 
-def _on_success(sender: Task, result: Any, **_: Any) -> None:  # type: ignore[type-arg]
-    task_id = sender.request.id
-    reporter = _maybe_reporter(sender.app)
-    if task_id and reporter:
-        # Celery already stored this result with the same JSON encoder, so
-        # encoding cannot fail here (it raised EncodeError before this signal).
-        reporter.finish(task_id, record.SUCCESS, {"result": json_dumps(result)})
+# -- Ends outside the task body (main process) ------------------------------
 
 
 def _on_failure(
@@ -157,41 +256,64 @@ def _on_failure(
     einfo: Any = None,
     **_: Any,
 ) -> None:
-    reporter = _maybe_reporter(sender.app)
+    # Body exceptions were recorded by TrackedTask (this then changes
+    # nothing); what arrives here first is a pool process that died or a
+    # hard time limit.
+    reporter = _reporter(sender.app)
     if not task_id or exception is None or reporter is None:
         return
-    traceback = str(getattr(einfo, "traceback", "") or "")
-    reporter.finish(
-        task_id,
-        record.FAILURE,
-        {
-            "error_type": type(exception).__name__,
-            "error_message": str(exception),
-            "traceback": traceback,
-        },
-    )
+    fields = {
+        "error_type": type(exception).__name__,
+        "error_message": str(exception),
+        "traceback": str(getattr(einfo, "traceback", "") or ""),
+    }
+    state = record.LOST if isinstance(exception, WorkerLostError) else record.FAILURE
+    reporter.finish(task_id, state, fields)
 
 
 def _on_revoked(sender: Task, request: Any = None, **_: Any) -> None:  # type: ignore[type-arg]
     task_id = getattr(request, "id", None)
-    reporter = _maybe_reporter(sender.app)
+    reporter = _reporter(sender.app)
     if task_id and reporter:
         reporter.finish(task_id, record.REVOKED, {})
 
 
-def _on_retry(sender: Task, request: Any = None, **_: Any) -> None:  # type: ignore[type-arg]
-    task_id = getattr(request, "id", None)
-    reporter = _maybe_reporter(sender.app)
-    if task_id and reporter:
-        # Back to the queue: the retry's __call__ marks it STARTED again.
-        reporter.transition(task_id, frozenset({record.STARTED}), record.PENDING)
+def _on_internal_error(
+    sender: Task,  # type: ignore[type-arg]
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    einfo: Any = None,
+    **_: Any,
+) -> None:
+    # Celery itself failed around the task (e.g. storing its result while
+    # Redis restarts): the body's outcome, if it got that far, is already
+    # recorded, and this changes nothing.
+    reporter = _reporter(sender.app)
+    if task_id and exception is not None and reporter is not None:
+        reporter.fail(
+            task_id,
+            type(exception).__name__,
+            f"Celery failed around the task: {exception}",
+            str(getattr(einfo, "traceback", "") or ""),
+        )
+
+
+def _on_unknown(sender: Any, name: str = "", id: str = "", **_: Any) -> None:
+    reporter: Reporter | None = getattr(getattr(sender, "app", None), "reporter", None)
+    if id and reporter is not None:
+        reporter.fail(
+            id,
+            "NotRegistered",
+            f"worker {getattr(sender, 'hostname', '')} does not know task type {name!r}: "
+            "do the server and the workers list the same TASKSERVICE_TASKS?",
+        )
 
 
 def connect(app: TaskServiceCelery, settings: Settings) -> None:
     """Give `app` its reporter and report its tasks' ends to their records."""
     app.reporter = Reporter(settings)
     # Celery signals are global; the receivers find the app through `sender`.
-    task_success.connect(_on_success, weak=False)
     task_failure.connect(_on_failure, weak=False)
     task_revoked.connect(_on_revoked, weak=False)
-    task_retry.connect(_on_retry, weak=False)
+    task_internal_error.connect(_on_internal_error, weak=False)
+    task_unknown.connect(_on_unknown, weak=False)

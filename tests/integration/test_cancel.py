@@ -15,17 +15,14 @@ from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.embedded import stop_process_group
 from tests.conftest import start_worker
-from tests.support.client import error_info, finished, start, start_request, wait_until
-
-
-async def running(stub: pb_grpc.TaskServiceStub, task_id: str, pid_file: Path) -> None:
-    """Wait until the task body runs (it wrote its pid)."""
-    await wait_until(stub, task_id, lambda t: t.state == pb.TASK_STATE_RUNNING)
-    for _ in range(200):
-        if pid_file.exists():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("task body never started")
+from tests.support.client import (
+    error_info,
+    finished,
+    running,
+    start,
+    start_request,
+    wait_until,
+)
 
 
 async def test_cancel_of_a_queued_task_means_it_never_runs(
@@ -169,3 +166,36 @@ async def test_a_cancel_made_while_no_worker_listens_still_wins(
     status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
     assert status.state == pb.TASK_STATE_CANCELLED
     assert "not running it" in (tmp_path / "late-worker.log").read_text()
+
+
+async def test_terminate_lets_the_task_clean_up_and_kill_does_not(
+    stub: pb_grpc.TaskServiceStub, tmp_path: Path
+) -> None:
+    for mode, cleaned_up in [(pb.CANCEL_MODE_TERMINATE, True), (pb.CANCEL_MODE_KILL, False)]:
+        marker = tmp_path / pb.CancelMode.Name(mode)
+        task = await start(stub, "test.finally_marker", path=str(marker), seconds=30)
+        await running(stub, task.id, Path(str(marker) + ".pid"))
+        done = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=mode))).task
+        assert done.state == pb.TASK_STATE_CANCELLED
+        assert marker.exists() == cleaned_up, pb.CancelMode.Name(mode)
+
+
+async def test_a_cancel_after_a_retry_never_frees_the_key_while_the_retry_runs(
+    stub: pb_grpc.TaskServiceStub, key: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    task = await start(stub, "test.retry_then_sleep", str(marker), 2, key=key)
+    # The second run (countdown 0) is under way: the record says so.
+    await running(stub, task.id, Path(str(marker) + ".pid"))
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.state == pb.TASK_STATE_RUNNING
+    cancelled = (
+        await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=pb.CANCEL_MODE_GRACEFUL))
+    ).task
+    assert cancelled.state == pb.TASK_STATE_RUNNING
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await start(stub, "test.echo", key=key)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    done = await finished(stub, task.id)
+    assert done.state == pb.TASK_STATE_CANCELLED
+    assert done.result.string_value == "second run"

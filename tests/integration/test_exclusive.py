@@ -1,25 +1,24 @@
-"""Exclusive start across server processes, and the lock's bounds."""
+"""Exclusive start: one unfinished task per key, however many callers and servers."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import random
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
 from service.embedded import free_port, stop_process_group
-from service.server import create_server
 from tests.conftest import ROOT
-from tests.support.client import error_info, finished, start_request
-from worker import record
+from tests.support.client import TERMINAL, error_info, finished, start_request
 
 
 @pytest.fixture
@@ -44,18 +43,22 @@ async def second_server(
         stop_process_group(process)
 
 
+async def attempt(
+    target: pb_grpc.TaskServiceStub, request: pb.StartRequest
+) -> pb.Task | grpc.aio.AioRpcError:
+    try:
+        return (await target.Start(request)).task
+    except grpc.aio.AioRpcError as error:
+        return error
+
+
 async def test_concurrent_starts_on_one_key_from_two_processes_accept_exactly_one(
     stub: pb_grpc.TaskServiceStub, second_server: pb_grpc.TaskServiceStub, key: str
 ) -> None:
     request = start_request("test.sleep", key=key, seconds=2)
-
-    async def attempt(target: pb_grpc.TaskServiceStub) -> pb.Task | grpc.aio.AioRpcError:
-        try:
-            return (await target.Start(request)).task
-        except grpc.aio.AioRpcError as error:
-            return error
-
-    outcomes = await asyncio.gather(*(attempt(stub if i % 2 else second_server) for i in range(60)))
+    outcomes = await asyncio.gather(
+        *(attempt(stub if i % 2 else second_server, request) for i in range(200))
+    )
     accepted = [o for o in outcomes if isinstance(o, pb.Task)]
     rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
     assert len(accepted) == 1, [o.code() for o in rejected]
@@ -70,44 +73,63 @@ async def test_concurrent_starts_on_one_key_from_two_processes_accept_exactly_on
     assert (await finished(stub, winner.id)).state == pb.TASK_STATE_CANCELLED
 
 
-async def test_a_lock_left_by_a_crashed_server_expires(
-    settings: Settings, worker_process: subprocess.Popen[bytes], key: str
+async def test_a_thousand_concurrent_starts_on_a_held_key_all_answer_already_exists(
+    stub: pb_grpc.TaskServiceStub, key: str
 ) -> None:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    # A server that crashed mid-Start left the key's lock behind (expiring in 1 s).
-    await client.set(record.lock_key(settings.key_prefix, key), b"crashed-holder", px=1000)
-    running = await create_server(settings, port=0)
+    holder = (await stub.Start(start_request("test.sleep", key=key, seconds=30))).task
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pb_grpc.TaskServiceStub(channel)
-            task = (await stub.Start(start_request("test.echo", 1, key=key))).task
-            assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
+        outcomes = await asyncio.gather(
+            *(attempt(stub, start_request("test.echo", i, key=key)) for i in range(1000))
+        )
+        codes = Counter(o.code() if isinstance(o, grpc.aio.AioRpcError) else "OK" for o in outcomes)
+        assert codes == {grpc.StatusCode.ALREADY_EXISTS: 1000}
+        assert {
+            error_info(o).metadata["task_id"]
+            for o in outcomes
+            if isinstance(o, grpc.aio.AioRpcError)
+        } == {holder.id}
     finally:
-        await running.stop(0)
-        await client.aclose()
+        await stub.Cancel(pb.CancelRequest(task_id=holder.id))
 
 
-async def test_waiting_for_a_busy_lock_is_bounded_and_unavailable(
-    settings: Settings, worker_process: subprocess.Popen[bytes], key: str
+async def test_start_and_cancel_churn_over_two_servers_never_runs_two_tasks_on_a_key(
+    stub: pb_grpc.TaskServiceStub, second_server: pb_grpc.TaskServiceStub, key: str
 ) -> None:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    lock = record.lock_key(settings.key_prefix, key)
-    await client.set(lock, b"someone-else", px=30_000)
-    running = await create_server(settings.model_copy(update={"lock_wait": 0.3}), port=0)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = pb_grpc.TaskServiceStub(channel)
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.Start(start_request("test.echo", 1, key=key))
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_info(caught.value).reason == "LOCK_TIMEOUT"
-            assert loop.time() - began < 5
-            # Once the lock is gone, the key works (nothing was wedged).
-            await client.delete(lock)
-            task = (await stub.Start(start_request("test.echo", 1, key=key))).task
-            await finished(stub, task.id)
-    finally:
-        await running.stop(0)
-        await client.aclose()
+    rng = random.Random(6)
+    accepted: list[str] = []
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 4
+
+    async def client(number: int) -> None:
+        target = stub if number % 2 else second_server
+        while loop.time() < until:
+            outcome = await attempt(
+                target, start_request("test.sleep", key=key, seconds=rng.choice([0, 0.05, 0.2]))
+            )
+            if isinstance(outcome, pb.Task):
+                accepted.append(outcome.id)
+                if rng.random() < 0.5:
+                    await asyncio.sleep(rng.random() * 0.1)
+                    mode = rng.choice(list(pb.CancelMode.values()))
+                    try:
+                        await target.Cancel(pb.CancelRequest(task_id=outcome.id, mode=mode))
+                    except grpc.aio.AioRpcError as error:  # it finished first
+                        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            else:
+                assert outcome.code() == grpc.StatusCode.ALREADY_EXISTS, outcome.details()
+                await asyncio.sleep(rng.random() * 0.05)
+
+    await asyncio.gather(*(client(n) for n in range(8)))
+    assert len(accepted) >= 8
+    history = [await finished(stub, task_id) for task_id in accepted]
+    assert all(t.state in TERMINAL for t in history)
+    # The tasks that ran did so one at a time: each started after the one
+    # before it had ended (a task cancelled while queued never started).
+    spans = sorted(
+        (t.start_time.ToNanoseconds(), t.end_time.ToNanoseconds(), t.id)
+        for t in history
+        if t.HasField("start_time")
+    )
+    assert len(spans) >= 2
+    for (_, end, earlier), (begin, _, later) in itertools.pairwise(spans):
+        assert end <= begin, f"{later} started while {earlier} still ran"

@@ -177,7 +177,7 @@ class SlowProxy:
         await asyncio.gather(pump(reader, up_writer, self.delay), pump(up_reader, writer, 0))
 
 
-async def test_a_start_whose_caller_gives_up_still_completes_and_holds_its_key(
+async def test_a_start_whose_caller_goes_away_still_completes_and_holds_its_key(
     settings: Settings,
     stub: pb_grpc.TaskServiceStub,
     redis_server: EmbeddedRedis,
@@ -191,13 +191,11 @@ async def test_a_start_whose_caller_gives_up_still_completes_and_holds_its_key(
         )
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                slow_stub = pb_grpc.TaskServiceStub(channel)
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await slow_stub.Start(
-                        start_request("test.sleep", key=key, seconds=1),
-                        timeout=0.1,
-                    )
-                assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                call = pb_grpc.TaskServiceStub(channel).Start(
+                    start_request("test.sleep", key=key, seconds=1)
+                )
+                await asyncio.sleep(0.1)  # claimed, publishing through the slow broker
+                call.cancel()
             # The Start went on without its caller: the task is recorded as
             # the key's holder, so exclusivity holds and nothing runs untracked.
             for _ in range(100):
@@ -216,3 +214,52 @@ async def test_a_start_whose_caller_gives_up_still_completes_and_holds_its_key(
             assert (await finished(stub, holder.id)).state == pb.TASK_STATE_SUCCEEDED
         finally:
             await running.stop(0)
+
+
+async def test_a_start_answers_unavailable_before_its_deadline_and_holds_nothing(
+    settings: Settings,
+    stub: pb_grpc.TaskServiceStub,
+    redis_server: EmbeddedRedis,
+    key: str,
+) -> None:
+    async with SlowProxy(redis_server.port, delay=0.5) as proxy:
+        slow_broker = f"redis://127.0.0.1:{proxy.port}/0"
+        running = await create_server(
+            settings.model_copy(update={"broker_url": slow_broker}), port=0
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await pb_grpc.TaskServiceStub(channel).Start(
+                        start_request("test.sleep", key=key, seconds=1), timeout=0.3
+                    )
+            # Told in time that nothing started, so retrying is safe:
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            # ...and the message that reaches the broker late is refused.
+            await asyncio.sleep(1.5)
+            given_up = await records_under(settings, key)
+            assert [(r["state"], r["error_type"], "started" in r) for r in given_up] == [
+                ("REVOKED", "NotEnqueued", False)
+            ]
+            task = (await stub.Start(start_request("test.echo", 1, key=key))).task
+            assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
+        finally:
+            await running.stop(0)
+
+
+async def records_under(settings: Settings, key: str) -> list[dict[str, str]]:
+    """Every task record under an exclusivity key, read straight from Redis."""
+    client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        found = []
+        async for name in client.scan_iter(f"{settings.key_prefix}:task:*"):
+            fields: dict[str, str] = await client.hgetall(name)  # type: ignore[misc]
+            if fields.get("key") == key:
+                found.append(fields)
+        return found
+    finally:
+        await client.aclose()

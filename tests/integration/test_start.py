@@ -117,6 +117,14 @@ async def test_a_result_json_cannot_encode_fails_with_encode_error(
     assert "object" in done.error.message
 
 
+async def test_a_result_json_cannot_encode_fails_even_when_celery_stores_no_result(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    done = await finished(stub, (await start(stub, "test.non_json_ignored")).id)
+    assert done.state == pb.TASK_STATE_FAILED
+    assert done.error.type == "EncodeError"
+
+
 async def test_time_limit_fails_the_task(stub: pb_grpc.TaskServiceStub, tmp_path) -> None:  # type: ignore[no-untyped-def]
     request = start_request("test.write_after", path=str(tmp_path / "out"), seconds=5)
     request.options.time_limit.CopyFrom(duration_pb2.Duration(seconds=1))

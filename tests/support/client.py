@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -62,6 +63,16 @@ async def wait_until(
         raise AssertionError(f"task {task_id} ended without reaching the expected state")
 
     return await asyncio.wait_for(watch(), timeout)
+
+
+async def running(stub: pb_grpc.TaskServiceStub, task_id: str, pid_file: Path) -> None:
+    """Wait until the task body runs (it published its pid file)."""
+    await wait_until(stub, task_id, lambda t: t.state == pb.TASK_STATE_RUNNING)
+    for _ in range(500):
+        if pid_file.exists():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("task body never started")
 
 
 async def finished(stub: pb_grpc.TaskServiceStub, task_id: str, timeout: float = 30) -> pb.Task:

@@ -30,7 +30,7 @@ def non_json(self: TrackedTask) -> object:
 def write_after(self: TrackedTask, path: str, seconds: float, text: str = "done") -> str:
     """Record our pid in `path`.pid, sleep, then write `text` to `path` (the
     side effect a cancel must prevent)."""
-    Path(path + ".pid").write_text(str(os.getpid()))
+    _publish_pid(path)
     time.sleep(seconds)
     Path(path).write_text(text)
     return text
@@ -52,3 +52,50 @@ def sleep(self: TrackedTask, seconds: float) -> float:
     """Sleep `seconds` and return them."""
     time.sleep(seconds)
     return seconds
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.non_json_ignored", ignore_result=True)
+def non_json_ignored(self: TrackedTask) -> object:
+    """Return something JSON cannot encode, from a task Celery stores no result of."""
+    return object()
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.log_run")
+def log_run(self: TrackedTask, path: str, seconds: float = 0) -> str:
+    """Append one line per execution of the body to `path`, then sleep."""
+    with open(path, "a") as log:
+        log.write(f"{self.request.id}\n")
+    time.sleep(seconds)
+    return "ran"
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.finally_marker")
+def finally_marker(self: TrackedTask, path: str, seconds: float) -> None:
+    """Publish our pid, sleep, and write `path` in `finally:` (whatever stops us)."""
+    _publish_pid(path)
+    try:
+        time.sleep(seconds)
+    finally:
+        Path(path).write_text("finally ran")
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.retry_then_sleep")
+def retry_then_sleep(self: TrackedTask, marker: str, seconds: float) -> str:
+    """Retry at once (countdown 0) on the first run; sleep `seconds` on the second."""
+    if not Path(marker).exists():
+        Path(marker).write_text("tried")
+        raise self.retry(countdown=0, max_retries=1)
+    _publish_pid(marker)
+    time.sleep(seconds)
+    return "second run"
+
+
+def _publish_pid(path: str) -> None:
+    # Written whole, then renamed: a reader never sees an empty pid file.
+    staging = Path(path + ".pid.tmp")
+    staging.write_text(str(os.getpid()))
+    staging.rename(path + ".pid")

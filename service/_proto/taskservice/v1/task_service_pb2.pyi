@@ -41,10 +41,13 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     could not be encoded as JSON; `error` says which.
     """
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 5
-    """Cancelled by a Cancel call."""
+    """Cancelled by a Cancel call; or never enqueued because its Start failed
+    (`error.type` "NotEnqueued").
+    """
     TASK_STATE_LOST: _TaskState.ValueType  # 6
-    """The worker process running it died (killed, out of memory, crashed);
-    `error` holds the WorkerLostError.
+    """The worker running it died (killed, out of memory, crashed) or stopped
+    renewing its lease (`error` holds the WorkerLostError). A LOST task is
+    never run again.
     """
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
@@ -65,10 +68,13 @@ TASK_STATE_FAILED: TaskState.ValueType  # 4
 could not be encoded as JSON; `error` says which.
 """
 TASK_STATE_CANCELLED: TaskState.ValueType  # 5
-"""Cancelled by a Cancel call."""
+"""Cancelled by a Cancel call; or never enqueued because its Start failed
+(`error.type` "NotEnqueued").
+"""
 TASK_STATE_LOST: TaskState.ValueType  # 6
-"""The worker process running it died (killed, out of memory, crashed);
-`error` holds the WorkerLostError.
+"""The worker running it died (killed, out of memory, crashed) or stopped
+renewing its lease (`error` holds the WorkerLostError). A LOST task is
+never run again.
 """
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
@@ -531,7 +537,9 @@ class CancelRequest(_message.Message):
     task_id: _builtins.str
     """The task to cancel."""
     mode: Global___CancelMode.ValueType
-    """How to stop it if it is running."""
+    """How to stop it if it is running. A running task whose worker stopped
+    heartbeating ends CANCELLED when its lease lapses, in every mode.
+    """
     def __init__(
         self,
         *,

@@ -34,9 +34,13 @@ class TaskServiceStub:
     INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
     ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
-    FAILED_PRECONDITION  reason TASK_FINISHED
-    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
-    SHUTTING_DOWN (all retryable)
+    FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
+    BROKER_MISCONFIGURED (an operator must fix the server)
+    RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
+    REDIS_POOL_EXHAUSTED (retry with backoff)
+    UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
+    BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
+    Start that answers UNAVAILABLE left nothing running)
     """
 
     def __init__(self, channel):
@@ -81,9 +85,13 @@ class TaskServiceServicer:
     INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
     ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
-    FAILED_PRECONDITION  reason TASK_FINISHED
-    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
-    SHUTTING_DOWN (all retryable)
+    FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
+    BROKER_MISCONFIGURED (an operator must fix the server)
+    RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
+    REDIS_POOL_EXHAUSTED (retry with backoff)
+    UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
+    BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
+    Start that answers UNAVAILABLE left nothing running)
     """
 
     def Start(self, request, context):
@@ -92,7 +100,8 @@ class TaskServiceServicer:
         With an exclusivity key (given, or the task type's default), at most one
         task runs under the key at a time: a Start while another task under the
         key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-        returns that task (policy RETURN_EXISTING).
+        returns that task (policy RETURN_EXISTING), at once, however many
+        callers race for the key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,8 +117,10 @@ class TaskServiceServicer:
 
     def Cancel(self, request, context):
         """Cancel stops a task. A queued task never runs; a running task is
-        stopped as the mode says. Cancelling a cancelled task is a no-op;
-        cancelling a task that already finished answers FAILED_PRECONDITION.
+        stopped as the mode says. A second Cancel may escalate the mode
+        (GRACEFUL -> TERMINATE -> KILL), never soften it. Cancelling a cancelled
+        task answers it again; cancelling a task that already finished answers
+        FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -176,9 +187,13 @@ class TaskService:
     INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
     ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
-    FAILED_PRECONDITION  reason TASK_FINISHED
-    UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
-    SHUTTING_DOWN (all retryable)
+    FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
+    BROKER_MISCONFIGURED (an operator must fix the server)
+    RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
+    REDIS_POOL_EXHAUSTED (retry with backoff)
+    UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
+    BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
+    Start that answers UNAVAILABLE left nothing running)
     """
 
     @staticmethod

@@ -35,9 +35,13 @@ class TaskServiceStub:
       INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
-      FAILED_PRECONDITION  reason TASK_FINISHED
-      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
-                           SHUTTING_DOWN (all retryable)
+      FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
+                           BROKER_MISCONFIGURED (an operator must fix the server)
+      RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
+                           REDIS_POOL_EXHAUSTED (retry with backoff)
+      UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
+                           BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
+                           Start that answers UNAVAILABLE left nothing running)
     """
 
     @_typing.overload
@@ -50,7 +54,8 @@ class TaskServiceStub:
     With an exclusivity key (given, or the task type's default), at most one
     task runs under the key at a time: a Start while another task under the
     key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-    returns that task (policy RETURN_EXISTING).
+    returns that task (policy RETURN_EXISTING), at once, however many
+    callers race for the key.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]
     """GetStatus returns a task by id, or the current (else the most recent)
@@ -58,8 +63,10 @@ class TaskServiceStub:
     """
     Cancel: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CancelRequest, _task_service_pb2.CancelResponse]
     """Cancel stops a task. A queued task never runs; a running task is
-    stopped as the mode says. Cancelling a cancelled task is a no-op;
-    cancelling a task that already finished answers FAILED_PRECONDITION.
+    stopped as the mode says. A second Cancel may escalate the mode
+    (GRACEFUL -> TERMINATE -> KILL), never soften it. Cancelling a cancelled
+    task answers it again; cancelling a task that already finished answers
+    FAILED_PRECONDITION.
     """
     WatchStatus: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchStatusRequest, _task_service_pb2.WatchStatusResponse]
     """WatchStatus streams a task: first its current snapshot, then one message
@@ -79,9 +86,13 @@ class TaskServiceAsyncStub(TaskServiceStub):
       INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
-      FAILED_PRECONDITION  reason TASK_FINISHED
-      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
-                           SHUTTING_DOWN (all retryable)
+      FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
+                           BROKER_MISCONFIGURED (an operator must fix the server)
+      RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
+                           REDIS_POOL_EXHAUSTED (retry with backoff)
+      UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
+                           BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
+                           Start that answers UNAVAILABLE left nothing running)
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -91,7 +102,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
     With an exclusivity key (given, or the task type's default), at most one
     task runs under the key at a time: a Start while another task under the
     key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-    returns that task (policy RETURN_EXISTING).
+    returns that task (policy RETURN_EXISTING), at once, however many
+    callers race for the key.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus returns a task by id, or the current (else the most recent)
@@ -99,8 +111,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     Cancel: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CancelRequest, _task_service_pb2.CancelResponse]  # type: ignore[assignment]
     """Cancel stops a task. A queued task never runs; a running task is
-    stopped as the mode says. Cancelling a cancelled task is a no-op;
-    cancelling a task that already finished answers FAILED_PRECONDITION.
+    stopped as the mode says. A second Cancel may escalate the mode
+    (GRACEFUL -> TERMINATE -> KILL), never soften it. Cancelling a cancelled
+    task answers it again; cancelling a task that already finished answers
+    FAILED_PRECONDITION.
     """
     WatchStatus: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchStatusRequest, _task_service_pb2.WatchStatusResponse]  # type: ignore[assignment]
     """WatchStatus streams a task: first its current snapshot, then one message
@@ -119,9 +133,13 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
       INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
-      FAILED_PRECONDITION  reason TASK_FINISHED
-      UNAVAILABLE          reason LOCK_TIMEOUT, REDIS_UNAVAILABLE, BROKER_UNAVAILABLE,
-                           SHUTTING_DOWN (all retryable)
+      FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
+                           BROKER_MISCONFIGURED (an operator must fix the server)
+      RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
+                           REDIS_POOL_EXHAUSTED (retry with backoff)
+      UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
+                           BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
+                           Start that answers UNAVAILABLE left nothing running)
     """
 
     @_abc_1.abstractmethod
@@ -135,7 +153,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         With an exclusivity key (given, or the task type's default), at most one
         task runs under the key at a time: a Start while another task under the
         key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-        returns that task (policy RETURN_EXISTING).
+        returns that task (policy RETURN_EXISTING), at once, however many
+        callers race for the key.
         """
 
     @_abc_1.abstractmethod
@@ -155,8 +174,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.CancelResponse, _abc.Awaitable[_task_service_pb2.CancelResponse]]:
         """Cancel stops a task. A queued task never runs; a running task is
-        stopped as the mode says. Cancelling a cancelled task is a no-op;
-        cancelling a task that already finished answers FAILED_PRECONDITION.
+        stopped as the mode says. A second Cancel may escalate the mode
+        (GRACEFUL -> TERMINATE -> KILL), never soften it. Cancelling a cancelled
+        task answers it again; cancelling a task that already finished answers
+        FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,152 @@
+"""Task messages and revokes to the Celery broker: off the event loop, bounded.
+
+Celery's publish and control calls block, so they run in thread pools: one
+for task messages, one for revokes, so that a stalled broker delaying
+publishes never delays a Cancel. Every wait is bounded: the broker's sockets
+have timeouts (see `worker.app`), a Start waits at most `publish_timeout`
+(or its caller's deadline), and at most `max_pending_publishes` Starts of
+this server may be waiting for the broker; more answer PublishBacklog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from celery import Celery
+
+from service.config import Settings
+from service.errors import BrokerUnavailable, PublishBacklog, broker_error
+
+T = TypeVar("T")
+
+PUBLISH_THREADS = 8
+CONTROL_THREADS = 2
+
+
+class Ticket:
+    """A reserved place among the pending publishes (see Publisher.admit)."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def hand_over(self) -> Callable[[], None]:
+        """The release, now owned by whoever completes the publish."""
+        release, self._release = self._release, None
+        assert release is not None, "a ticket is handed over once"
+        return release
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+class Publisher:
+    """Sends tasks and revokes through `app` (a Celery app without a result backend)."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self._app = app
+        self._limit = settings.max_pending_publishes
+        self._timeout = settings.publish_timeout
+        self._pending = 0
+        self._publish_pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
+        self._control_pool = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="control")
+
+    @property
+    def default_queue(self) -> str:
+        return str(self._app.conf.task_default_queue)
+
+    @property
+    def pending(self) -> int:
+        """Publishes admitted and not yet finished (including ones whose Start gave up)."""
+        return self._pending
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[Ticket]:
+        """Reserve a place for one publish, or raise PublishBacklog. The place
+        is freed on exit, unless `send` took the ticket: then it is freed when
+        the broker call really ends (a thread may outlive its Start)."""
+        if self._pending >= self._limit:
+            raise PublishBacklog(
+                f"{self._pending} Starts are waiting for the Celery broker (the limit is "
+                f"{self._limit}); retry with backoff"
+            )
+        self._pending += 1
+        ticket = Ticket(self._released)
+        try:
+            yield ticket
+        finally:
+            ticket.close()
+
+    def _released(self) -> None:
+        self._pending -= 1
+
+    async def send(
+        self,
+        ticket: Ticket,
+        task_name: str,
+        task_id: str,
+        *,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        queue: str,
+        countdown: float | None,
+        time_limit: float | None,
+        soft_time_limit: float | None,
+        wait: float,
+    ) -> None:
+        """Publish a task message; BrokerUnavailable if the broker fails or does
+        not take it within `wait` seconds (it may still arrive later)."""
+        call = functools.partial(
+            self._app.send_task,
+            task_name,
+            args=args,
+            kwargs=kwargs,
+            task_id=task_id,
+            queue=queue,
+            countdown=countdown,
+            # Celery takes float seconds here; its stubs say int.
+            time_limit=time_limit,  # type: ignore[arg-type]
+            soft_time_limit=soft_time_limit,  # type: ignore[arg-type]
+        )
+        loop = asyncio.get_running_loop()
+        release = ticket.hand_over()
+        future = self._publish_pool.submit(call)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+        await _bounded(future, wait, "the Celery broker did not take the message")
+
+    async def revoke(self, task_id: str, *, signal: str | None = None) -> None:
+        """Broadcast Celery's revoke; with `signal`, the worker running the task
+        also sends that signal to its process."""
+        revoke = self._app.control.revoke
+        if signal is None:
+            call = functools.partial(revoke, task_id)
+        else:
+            call = functools.partial(revoke, task_id, terminate=True, signal=signal)
+        future = self._control_pool.submit(call)
+        await _bounded(future, self._timeout, "the Celery broker did not take the revoke")
+
+    def close(self) -> None:
+        for pool in (self._publish_pool, self._control_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _bounded(future: concurrent.futures.Future[T], wait: float, timeout_message: str) -> T:
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), wait)
+    except TimeoutError:
+        # Not started yet: it never will be. Started: it ends within the
+        # broker's socket timeout, still counted as pending until then.
+        future.cancel()
+        raise BrokerUnavailable(f"{timeout_message} within {wait:g}s; retry") from None
+    except Exception as exc:
+        error = broker_error(exc)
+        if error is None:
+            raise
+        raise error from exc

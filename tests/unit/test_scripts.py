@@ -1,0 +1,320 @@
+"""The record scripts against a real Redis: what each one accepts and refuses."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from service.embedded import EmbeddedRedis
+from worker import record
+from worker.record import TaskRecord
+from worker.scripts import Call, Scripts
+
+LONG = 60_000  # a lease (ms) that does not lapse during a test
+LAPSED = 0  # a lease that has lapsed by the time anything reads it
+
+
+class Store:
+    """One test's keys (their own prefix) and a way to run scripts on them."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.prefix = f"scripts-{uuid.uuid4().hex[:8]}"
+        self.scripts = Scripts(self.prefix, 600)
+
+    def run(self, call: Call) -> Any:
+        return self.client.register_script(call.script)(keys=call.keys, args=call.args)
+
+    def new(self, key: str = "", *, lease_ms: int = LONG, confirm: bool = True) -> str:
+        task_id = str(uuid.uuid4())
+        fields = record.new_record_fields(
+            task_id, "t", exclusivity_key=key, queue="q", scheduled=None
+        )
+        status, _ = self.run(
+            self.scripts.claim(fields, exclusivity_key=key, provisional_ms=lease_ms)
+        )
+        assert status == "ok"
+        if confirm:
+            assert self.run(self.scripts.confirm(task_id))[0] == "ok"
+        return task_id
+
+    def started(self, key: str = "", *, lease_ms: int = LONG, worker: str = "w1") -> str:
+        task_id = self.new(key)
+        status, _ = self.run(
+            self.scripts.start(task_id, worker=worker, run="r1", lease_ms=lease_ms, when=1.0)
+        )
+        assert status == "started"
+        return task_id
+
+    def rec(self, task_id: str) -> TaskRecord:
+        return TaskRecord.from_fields(self.client.hgetall(record.task_key(self.prefix, task_id)))
+
+    def lease(self, task_id: str) -> float | None:
+        return self.client.zscore(record.leases_key(self.prefix), task_id)
+
+    def holder(self, key: str) -> str | None:
+        value = self.client.get(record.holder_key(self.prefix, key))
+        return str(value) if value else None
+
+    def cleanup(self) -> None:
+        for name in self.client.scan_iter(f"{self.prefix}:*"):
+            self.client.delete(name)
+
+
+@pytest.fixture
+def store(redis_server: EmbeddedRedis) -> Iterator[Store]:
+    client = redis.Redis(port=redis_server.port, decode_responses=True)
+    made = Store(client)
+    yield made
+    made.cleanup()
+    client.close()
+
+
+# -- claim -------------------------------------------------------------------
+
+
+def test_claim_of_a_free_key_records_the_task_as_holder_with_a_provisional_lease(
+    store: Store,
+) -> None:
+    task_id = store.new("k", confirm=False)
+    assert store.holder("k") == task_id
+    assert store.rec(task_id).state == record.PENDING
+    assert store.lease(task_id) is not None  # until the broker has the message
+
+
+def test_claim_of_a_held_key_writes_nothing_and_names_the_holder(store: Store) -> None:
+    holder = store.new("k")
+    fields = record.new_record_fields("x-1", "t", exclusivity_key="k", queue="q", scheduled=None)
+    status, detail = store.run(store.scripts.claim(fields, exclusivity_key="k", provisional_ms=1))
+    assert status == "held"
+    assert TaskRecord.from_json(detail).id == holder
+    assert not store.client.exists(record.task_key(store.prefix, "x-1"))
+    assert store.holder("k") == holder
+
+
+def test_claim_after_the_holder_finished_takes_the_key(store: Store) -> None:
+    first = store.new("k")
+    store.run(store.scripts.transition(first, record.ACTIVE_STATES, record.SUCCESS))
+    second = store.new("k")
+    assert store.holder("k") == second
+
+
+def test_claim_ends_a_holder_whose_lease_lapsed_and_takes_the_key(store: Store) -> None:
+    dead = store.started("k", lease_ms=LAPSED)
+    taker = store.new("k")
+    assert store.holder("k") == taker
+    lost = store.rec(dead)
+    assert lost.state == record.LOST
+    assert lost.error is not None and lost.error.type == "WorkerLostError"
+    assert "w1 stopped heartbeating" in lost.error.message
+    assert store.lease(dead) is None
+
+
+# -- confirm and abandon -----------------------------------------------------
+
+
+def test_confirm_drops_the_provisional_lease(store: Store) -> None:
+    task_id = store.new("k")  # claims, then confirms
+    assert store.lease(task_id) is None
+    assert "publishing" not in store.client.hgetall(record.task_key(store.prefix, task_id))
+
+
+def test_confirm_after_a_worker_started_the_task_changes_nothing(store: Store) -> None:
+    task_id = store.new(confirm=False)
+    store.run(store.scripts.start(task_id, worker="w", run="r", lease_ms=LONG, when=1.0))
+    status, detail = store.run(store.scripts.confirm(task_id))
+    assert status == "moved"
+    assert TaskRecord.from_json(detail).state == record.STARTED
+    assert store.lease(task_id) is not None  # the worker's lease stays
+
+
+def test_abandon_gives_the_key_back_to_the_previous_holder(store: Store) -> None:
+    first = store.new("k")
+    store.run(store.scripts.transition(first, record.ACTIVE_STATES, record.SUCCESS))
+    second = store.new("k", confirm=False)
+    status, detail = store.run(store.scripts.abandon(second, "never enqueued: broker down"))
+    assert status == "abandoned"
+    ended = TaskRecord.from_json(detail)
+    assert ended.state == record.REVOKED
+    assert ended.error is not None and ended.error.type == record.NOT_ENQUEUED_ERROR
+    assert store.holder("k") == first
+    assert store.lease(second) is None
+
+
+def test_abandon_of_a_fresh_key_leaves_it_unheld(store: Store) -> None:
+    task_id = store.new("k", confirm=False)
+    store.run(store.scripts.abandon(task_id, "x"))
+    assert store.holder("k") is None
+
+
+def test_abandon_never_takes_a_key_from_a_newer_holder(store: Store) -> None:
+    stale = store.new("k", lease_ms=LAPSED, confirm=False)
+    newer = store.new("k")  # the stale claim lapsed: ended and replaced
+    assert store.holder("k") == newer
+    status, detail = store.run(store.scripts.abandon(stale, "late"))
+    assert status == "moved"
+    assert TaskRecord.from_json(detail).state == record.REVOKED
+    assert store.holder("k") == newer
+
+
+def test_abandon_after_a_worker_started_the_task_keeps_it(store: Store) -> None:
+    task_id = store.new("k", confirm=False)
+    store.run(store.scripts.start(task_id, worker="w", run="r", lease_ms=LONG, when=1.0))
+    status, _ = store.run(store.scripts.abandon(task_id, "slow broker"))
+    assert status == "moved"
+    assert store.rec(task_id).state == record.STARTED
+    assert store.holder("k") == task_id
+
+
+# -- start -------------------------------------------------------------------
+
+
+def test_start_is_idempotent_for_its_own_run_and_refuses_another(store: Store) -> None:
+    task_id = store.new()
+    call = store.scripts.start(task_id, worker="w", run="r1", lease_ms=LONG, when=1.0)
+    assert store.run(call)[0] == "started"
+    sequence = store.rec(task_id).sequence
+    assert store.run(call)[0] == "started"  # a retried write of the same run
+    assert store.rec(task_id).sequence == sequence
+    other = store.scripts.start(task_id, worker="w2", run="r2", lease_ms=LONG, when=1.0)
+    assert store.run(other) == ["running", "w"]
+
+
+def test_start_of_a_task_whose_running_lease_lapsed_ends_it_lost(store: Store) -> None:
+    task_id = store.started(lease_ms=LAPSED)
+    other = store.scripts.start(task_id, worker="w2", run="r2", lease_ms=LONG, when=1.0)
+    assert store.run(other) == ["ended", record.LOST]
+
+
+@pytest.mark.parametrize("end", [record.SUCCESS, record.FAILURE, record.REVOKED, record.LOST])
+def test_start_of_an_ended_task_is_refused(store: Store, end: str) -> None:
+    task_id = store.started()
+    store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, end))
+    again = store.scripts.start(task_id, worker="w", run="r9", lease_ms=LONG, when=1.0)
+    assert store.run(again) == ["ended", end]
+
+
+def test_start_of_an_unknown_task_says_missing(store: Store) -> None:
+    call = store.scripts.start("nope", worker="w", run="r", lease_ms=LONG, when=1.0)
+    assert store.run(call)[0] == "missing"
+
+
+# -- transition and cancel ---------------------------------------------------
+
+
+def test_transition_refuses_a_state_it_does_not_allow(store: Store) -> None:
+    task_id = store.new()
+    status, detail = store.run(store.scripts.transition(task_id, {record.STARTED}, "", {"a": "b"}))
+    assert (status, detail) == ("rejected", record.PENDING)
+    assert store.rec(task_id).sequence == 1
+
+
+def test_an_outcome_ends_the_lease_and_publishes_the_record(store: Store) -> None:
+    task_id = store.started()
+    pubsub = store.client.pubsub()
+    pubsub.subscribe(record.events_channel(store.prefix))
+    assert pubsub.get_message(timeout=1) is not None  # subscribed
+    store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, record.SUCCESS))
+    message = pubsub.get_message(timeout=1)
+    pubsub.close()
+    assert message is not None
+    published_id, _, payload = message["data"].partition(" ")
+    assert published_id == task_id
+    assert json.loads(payload)["state"] == record.SUCCESS
+    assert store.lease(task_id) is None
+
+
+def test_cancel_ends_a_queued_task_at_once(store: Store) -> None:
+    task_id = store.new("k")
+    status, detail = store.run(store.scripts.cancel(task_id, "GRACEFUL", when=2.0))
+    assert status == "cancelled"
+    assert TaskRecord.from_json(detail).state == record.REVOKED
+
+
+def test_cancel_escalates_and_never_softens(store: Store) -> None:
+    task_id = store.started()
+    for mode, expected in [
+        ("GRACEFUL", "GRACEFUL"),
+        ("KILL", "KILL"),
+        ("TERMINATE", "KILL"),
+        ("GRACEFUL", "KILL"),
+    ]:
+        status, detail = store.run(store.scripts.cancel(task_id, mode, when=2.0))
+        assert status == "requested"
+        assert TaskRecord.from_json(detail).cancel == expected
+
+
+def test_a_task_whose_cancel_was_requested_ends_cancelled_keeping_its_result(
+    store: Store,
+) -> None:
+    task_id = store.started()
+    store.run(store.scripts.cancel(task_id, "GRACEFUL", when=2.0))
+    store.run(
+        store.scripts.transition(task_id, record.ACTIVE_STATES, record.SUCCESS, {"result": "7"})
+    )
+    ended = store.rec(task_id)
+    assert (ended.state, ended.result) == (record.REVOKED, 7)
+
+
+def test_cancel_of_a_finished_task_says_ended(store: Store) -> None:
+    task_id = store.started()
+    store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, record.FAILURE))
+    assert store.run(store.scripts.cancel(task_id, "KILL", when=2.0))[0] == "ended"
+
+
+# -- leases: read, renew, release, sweep -------------------------------------
+
+
+def test_read_ends_a_task_whose_lease_lapsed(store: Store) -> None:
+    task_id = store.started(lease_ms=LAPSED)
+    assert TaskRecord.from_json(store.run(store.scripts.read(task_id))).state == record.LOST
+    assert store.run(store.scripts.read("nope")) is None
+
+
+def test_a_claim_never_confirmed_ends_not_enqueued_when_its_lease_lapses(store: Store) -> None:
+    task_id = store.new("k", lease_ms=LAPSED, confirm=False)
+    ended = TaskRecord.from_json(store.run(store.scripts.read(task_id)))
+    assert ended.state == record.REVOKED
+    assert ended.error is not None and ended.error.type == record.NOT_ENQUEUED_ERROR
+    assert store.holder("k") is None
+
+
+def test_renew_covers_only_what_the_worker_runs_or_holds(store: Store) -> None:
+    mine = store.started(worker="w1")
+    theirs = store.started(worker="w2")
+    held = store.new()
+    unconfirmed = store.new(confirm=False)
+    done = store.started(worker="w1")
+    store.run(store.scripts.transition(done, record.ACTIVE_STATES, record.SUCCESS))
+    retrying = store.started(worker="w1")
+    store.run(store.scripts.transition(retrying, {record.STARTED}, record.PENDING))
+    store.run(store.scripts.release([retrying]))
+    call = store.scripts.renew(
+        [mine, theirs, done, retrying], [held, unconfirmed], worker="w1", lease_ms=LONG
+    )
+    assert sorted(store.run(call)) == sorted([theirs, done, retrying, unconfirmed])
+    assert store.lease(held) is not None
+    assert store.lease(retrying) is None  # back in the broker: no lease
+
+
+def test_release_drops_only_the_leases_of_unstarted_tasks(store: Store) -> None:
+    held = store.new()
+    store.run(store.scripts.renew([], [held], worker="w", lease_ms=LONG))
+    running = store.started()
+    assert store.run(store.scripts.release([held, running])) == 1
+    assert store.lease(held) is None and store.lease(running) is not None
+
+
+def test_sweep_ends_each_lapsed_task_once(store: Store) -> None:
+    lapsed = [store.started(lease_ms=LAPSED) for _ in range(3)]
+    alive = store.started()
+    assert store.run(store.scripts.sweep(2)) == [2, 2]  # bounded batch
+    assert store.run(store.scripts.sweep(100)) == [1, 1]
+    assert store.run(store.scripts.sweep(100)) == [0, 0]  # a second sweeper finds nothing
+    assert {store.rec(t).state for t in lapsed} == {record.LOST}
+    assert store.rec(alive).state == record.STARTED

@@ -1,0 +1,391 @@
+"""Every Lua script that changes a task record, and the arguments each takes.
+
+One module so that the rules live in one place: who may hold an exclusivity
+key, when a lease counts as lapsed, what ends a task. The server (redis.asyncio)
+and the worker (redis-py) both build a `Call` here and run it with their own
+client; `tests/unit/test_scripts.py` checks each script's refusals against a
+real Redis.
+
+Time comes from Redis (`TIME`), so lease deadlines do not depend on the
+clocks of servers and workers. Each script reads ARGV[1] (key prefix) and
+ARGV[2] (record TTL, seconds) first; the rest is per script, below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from worker import record
+
+_PRELUDE = """
+local PREFIX = ARGV[1]
+local TTL = tonumber(ARGV[2])
+local LEASES = PREFIX .. ':leases'
+local CHANNEL = PREFIX .. ':events'
+local ACTIVE = {PENDING = true, STARTED = true}
+local TERMINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, LOST = true}
+local RANK = {GRACEFUL = 1, TERMINATE = 2, KILL = 3}
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function seconds(ms) return string.format('%.3f', ms / 1000) end
+
+local function task_key(id) return PREFIX .. ':task:{' .. id .. '}' end
+
+local function snapshot(rkey)
+  local flat = redis.call('HGETALL', rkey)
+  local rec = {}
+  for i = 1, #flat, 2 do rec[flat[i]] = flat[i + 1] end
+  return cjson.encode(rec), rec
+end
+
+-- A change: bump the sequence, keep the record for TTL from now, tell watchers.
+local function commit(rkey)
+  redis.call('HINCRBY', rkey, 'seq', 1)
+  redis.call('EXPIRE', rkey, TTL)
+  local payload, rec = snapshot(rkey)
+  redis.call('PUBLISH', CHANNEL, rec['id'] .. ' ' .. payload)
+  return payload
+end
+
+-- No lease means nobody has to prove liveness (waiting in the broker): never lapsed.
+local function lapsed(id, now)
+  local deadline = redis.call('ZSCORE', LEASES, id)
+  return deadline ~= false and tonumber(deadline) <= now
+end
+
+-- End an active task. A task whose cancel was requested ends REVOKED,
+-- whatever else ended it: the caller asked for it to stop.
+local function finish(rkey, id, state, fields)
+  if state ~= 'REVOKED' and redis.call('HEXISTS', rkey, 'cancel') == 1 then
+    state = 'REVOKED'
+  end
+  redis.call('HSET', rkey, 'state', state, unpack(fields))
+  redis.call('HDEL', rkey, 'publishing')
+  redis.call('ZREM', LEASES, id)
+  return commit(rkey)
+end
+
+-- A Start whose message never reached the broker: give the exclusivity key
+-- back to the task that held it before (compare-and-set: only if this task
+-- still holds it), and end the task so that a message that got through
+-- after all is refused by the worker.
+local function abandon(rkey, id, now, message)
+  local key = redis.call('HGET', rkey, 'key')
+  if key then
+    local hkey = PREFIX .. ':key:{' .. key .. '}'
+    if redis.call('GET', hkey) == id then
+      local prev = redis.call('HGET', rkey, 'prev')
+      if prev then redis.call('SET', hkey, prev, 'KEEPTTL') else redis.call('DEL', hkey) end
+    end
+  end
+  return finish(rkey, id, 'REVOKED', {'finished', seconds(now),
+    'error_type', 'NotEnqueued', 'error_message', message})
+end
+
+-- End a task whose lease lapsed.
+local function expire(rkey, id, state, now)
+  if redis.call('HEXISTS', rkey, 'publishing') == 1 then
+    return abandon(rkey, id, now,
+      'never enqueued: the server that accepted it stopped before confirming '
+      .. 'the broker had it; it will not run')
+  end
+  local worker = redis.call('HGET', rkey, 'worker')
+  local why = 'its worker stopped heartbeating'
+  if worker then why = 'its worker ' .. worker .. ' stopped heartbeating' end
+  if state == 'PENDING' then why = why .. ' before starting it; it will not run' end
+  return finish(rkey, id, 'LOST', {'finished', seconds(now),
+    'error_type', 'WorkerLostError', 'error_message', why})
+end
+
+-- The record's state, after ending it if its lease lapsed; false if missing.
+local function current(rkey, id, now)
+  local state = redis.call('HGET', rkey, 'state')
+  if state and ACTIVE[state] and lapsed(id, now) then
+    expire(rkey, id, state, now)
+    state = redis.call('HGET', rkey, 'state')
+  end
+  return state
+end
+"""
+
+# KEYS[1] the new record, KEYS[2] the key's holder (only with a key).
+# ARGV[3] task id, ARGV[4] provisional lease (ms), ARGV[5..] field pairs.
+# -> {'ok', ''} | {'held', holder record JSON}
+_CLAIM = """
+local now = now_ms()
+local id = ARGV[3]
+local prev = false
+if KEYS[2] then
+  prev = redis.call('GET', KEYS[2])
+  if prev then
+    local pkey = task_key(prev)
+    local state = current(pkey, prev, now)
+    if state and ACTIVE[state] then return {'held', (snapshot(pkey))} end
+  end
+end
+redis.call('HSET', KEYS[1], 'publishing', '1', unpack(ARGV, 5))
+if prev then redis.call('HSET', KEYS[1], 'prev', prev) end
+redis.call('EXPIRE', KEYS[1], TTL)
+if KEYS[2] then redis.call('SET', KEYS[2], id, 'EX', TTL) end
+redis.call('ZADD', LEASES, now + tonumber(ARGV[4]), id)
+return {'ok', ''}
+"""
+
+# The broker has the message: drop the provisional lease (a task waiting in
+# the broker needs none). KEYS[1] record. ARGV[3] task id.
+# -> {'ok', ''} | {'missing', ''} | {'moved', record JSON} (a worker started
+# it, a Cancel ended it, or it was abandoned, before this ran)
+_CONFIRM = """
+if redis.call('HDEL', KEYS[1], 'publishing') == 1 then
+  redis.call('ZREM', LEASES, ARGV[3])
+  return {'ok', ''}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
+return {'moved', (snapshot(KEYS[1]))}
+"""
+
+# Publishing failed or took too long. KEYS[1] record. ARGV[3] task id,
+# ARGV[4] error message.
+# -> {'abandoned', record JSON} | {'moved', record JSON} (a worker already
+# started it, or it ended: the message did reach the broker) | {'missing', ''}
+_ABANDON = """
+if redis.call('HEXISTS', KEYS[1], 'publishing') == 1 then
+  return {'abandoned', abandon(KEYS[1], ARGV[3], now_ms(), ARGV[4])}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing', ''} end
+return {'moved', (snapshot(KEYS[1]))}
+"""
+
+# A worker is about to run the task body. KEYS[1] record. ARGV[3] task id,
+# ARGV[4] worker name, ARGV[5] run token (unique per execution), ARGV[6]
+# lease (ms), ARGV[7] start time.
+# -> {'started', record JSON} (also when this run's own start is retried)
+#  | {'running', worker} (another execution holds a live lease)
+#  | {'ended', state} | {'missing', ''}
+_START = """
+local now = now_ms()
+local id = ARGV[3]
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if state == 'PENDING' then
+  redis.call('HSET', KEYS[1], 'state', 'STARTED', 'worker', ARGV[4], 'run', ARGV[5],
+    'started', ARGV[7])
+  redis.call('HDEL', KEYS[1], 'publishing')
+  redis.call('ZADD', LEASES, now + tonumber(ARGV[6]), id)
+  return {'started', commit(KEYS[1])}
+end
+if state == 'STARTED' then
+  if redis.call('HGET', KEYS[1], 'run') == ARGV[5] then
+    return {'started', (snapshot(KEYS[1]))}
+  end
+  if lapsed(id, now) then
+    expire(KEYS[1], id, state, now)
+    return {'ended', redis.call('HGET', KEYS[1], 'state')}
+  end
+  return {'running', redis.call('HGET', KEYS[1], 'worker') or ''}
+end
+return {'ended', state}
+"""
+
+# A change from the worker: progress, an outcome, a retry's return to the
+# queue. KEYS[1] record. ARGV[3] task id, ARGV[4] allowed states (comma list),
+# ARGV[5] new state ('' keeps it), ARGV[6..] field pairs.
+# -> {'ok', record JSON} | {'rejected', current state} | {'missing', ''}
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {'missing', ''} end
+if string.find(',' .. ARGV[4] .. ',', ',' .. state .. ',', 1, true) == nil then
+  return {'rejected', state}
+end
+local new = ARGV[5]
+if TERMINAL[new] then
+  return {'ok', finish(KEYS[1], ARGV[3], new, {unpack(ARGV, 6)})}
+end
+if new ~= '' then redis.call('HSET', KEYS[1], 'state', new) end
+if #ARGV > 5 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+return {'ok', commit(KEYS[1])}
+"""
+
+# Cancel. KEYS[1] record. ARGV[3] task id, ARGV[4] mode, ARGV[5] end time.
+# A queued task ends REVOKED at once; a running one records the strongest
+# mode asked for so far (a later Cancel escalates, never softens).
+# -> {'cancelled', JSON} | {'requested', JSON} | {'ended', JSON} | {'missing', ''}
+_CANCEL = """
+local id = ARGV[3]
+local state = current(KEYS[1], id, now_ms())
+if not state then return {'missing', ''} end
+if state == 'PENDING' then
+  return {'cancelled', finish(KEYS[1], id, 'REVOKED', {'cancel', ARGV[4], 'finished', ARGV[5]})}
+end
+if state == 'STARTED' then
+  local mode = redis.call('HGET', KEYS[1], 'cancel')
+  if not mode or RANK[ARGV[4]] > (RANK[mode] or 0) then
+    redis.call('HSET', KEYS[1], 'cancel', ARGV[4])
+    return {'requested', commit(KEYS[1])}
+  end
+  return {'requested', (snapshot(KEYS[1]))}
+end
+return {'ended', (snapshot(KEYS[1]))}
+"""
+
+# A read that first ends the task if its lease lapsed. KEYS[1] record.
+# ARGV[3] task id. -> record JSON, or nil if there is no record.
+_READ = """
+if not current(KEYS[1], ARGV[3], now_ms()) then return false end
+return (snapshot(KEYS[1]))
+"""
+
+# The worker's heartbeat. KEYS[1] lease set. ARGV[3] worker name, ARGV[4]
+# lease (ms), ARGV[5] how many of the ids that follow the worker is running;
+# the rest it holds unstarted (prefetched, or waiting for a countdown).
+# Renews the lease of each task this worker runs (STARTED by it) or holds
+# (still PENDING, its Start confirmed); returns the ids it did not renew.
+_RENEW = """
+local deadline = now_ms() + tonumber(ARGV[4])
+local last_running = 5 + tonumber(ARGV[5])
+local skipped = {}
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local r = redis.call('HMGET', task_key(id), 'state', 'worker', 'publishing')
+  local mine
+  if i <= last_running then
+    mine = r[1] == 'STARTED' and r[2] == ARGV[3]
+  else
+    mine = r[1] == 'PENDING' and not r[3]
+  end
+  if mine then
+    redis.call('ZADD', KEYS[1], deadline, id)
+  else
+    skipped[#skipped + 1] = id
+  end
+end
+return skipped
+"""
+
+# A worker hands tasks back unstarted (warm shutdown: their messages return to
+# the queue): drop their leases, so they wait in the broker again.
+# KEYS[1] lease set. ARGV[3..] task ids. -> number of leases dropped.
+_RELEASE = """
+local dropped = 0
+for i = 3, #ARGV do
+  local r = redis.call('HMGET', task_key(ARGV[i]), 'state', 'publishing')
+  if r[1] == 'PENDING' and not r[2] then
+    dropped = dropped + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return dropped
+"""
+
+# The sweeper: end up to ARGV[3] tasks whose lease lapsed. Each expiry is one
+# atomic check-and-end, so servers sweeping together never end a task twice.
+# KEYS[1] lease set. -> {tasks ended, leases looked at}
+_SWEEP = """
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local ended = 0
+for _, id in ipairs(due) do
+  local rkey = task_key(id)
+  local state = redis.call('HGET', rkey, 'state')
+  if state and ACTIVE[state] then
+    expire(rkey, id, state, now)
+    ended = ended + 1
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return {ended, #due}
+"""
+
+CLAIM = _PRELUDE + _CLAIM
+CONFIRM = _PRELUDE + _CONFIRM
+ABANDON = _PRELUDE + _ABANDON
+START = _PRELUDE + _START
+TRANSITION = _PRELUDE + _TRANSITION
+CANCEL = _PRELUDE + _CANCEL
+READ = _PRELUDE + _READ
+RENEW = _PRELUDE + _RENEW
+RELEASE = _PRELUDE + _RELEASE
+SWEEP = _PRELUDE + _SWEEP
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One script run: its source, KEYS and ARGV."""
+
+    script: str
+    keys: list[str]
+    args: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """Builds the calls of one deployment (key prefix, record TTL)."""
+
+    prefix: str
+    ttl: int
+
+    def _call(self, script: str, keys: list[str], *args: str) -> Call:
+        return Call(script, keys, [self.prefix, str(self.ttl), *args])
+
+    def _task(self, script: str, task_id: str, *args: str) -> Call:
+        return self._call(script, [record.task_key(self.prefix, task_id)], task_id, *args)
+
+    def claim(
+        self, fields: Mapping[str, str], *, exclusivity_key: str, provisional_ms: int
+    ) -> Call:
+        task_id = fields["id"]
+        keys = [record.task_key(self.prefix, task_id)]
+        if exclusivity_key:
+            keys.append(record.holder_key(self.prefix, exclusivity_key))
+        return self._call(CLAIM, keys, task_id, str(provisional_ms), *_pairs(fields))
+
+    def confirm(self, task_id: str) -> Call:
+        return self._task(CONFIRM, task_id)
+
+    def abandon(self, task_id: str, message: str) -> Call:
+        return self._task(ABANDON, task_id, message)
+
+    def start(self, task_id: str, *, worker: str, run: str, lease_ms: int, when: float) -> Call:
+        return self._task(START, task_id, worker, run, str(lease_ms), repr(when))
+
+    def transition(
+        self,
+        task_id: str,
+        allowed: Iterable[str],
+        new_state: str = "",
+        fields: Mapping[str, str] | None = None,
+    ) -> Call:
+        return self._task(
+            TRANSITION, task_id, ",".join(sorted(allowed)), new_state, *_pairs(fields or {})
+        )
+
+    def cancel(self, task_id: str, mode: str, *, when: float) -> Call:
+        return self._task(CANCEL, task_id, mode, repr(when))
+
+    def read(self, task_id: str) -> Call:
+        return self._task(READ, task_id)
+
+    def renew(
+        self, running: Iterable[str], held: Iterable[str], *, worker: str, lease_ms: int
+    ) -> Call:
+        running = list(running)
+        leases = [record.leases_key(self.prefix)]
+        return self._call(RENEW, leases, worker, str(lease_ms), str(len(running)), *running, *held)
+
+    def release(self, task_ids: Iterable[str]) -> Call:
+        return self._call(RELEASE, [record.leases_key(self.prefix)], *task_ids)
+
+    def sweep(self, limit: int) -> Call:
+        return self._call(SWEEP, [record.leases_key(self.prefix)], str(limit))
+
+
+def _pairs(fields: Mapping[str, str]) -> list[str]:
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat += [name, value]
+    return flat
