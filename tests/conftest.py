@@ -7,8 +7,10 @@ worker subprocess and this process agree on Redis, key prefix and tasks.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -43,11 +45,33 @@ from service.server import Server, create_server  # noqa: E402
 def wait_for_log(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
+        if _logged(path, text):
             return
         if process.poll() is not None:
             break
         time.sleep(0.1)
+    _not_logged(path, text)
+
+
+async def log_shows(
+    path: Path, text: str, process: subprocess.Popen[bytes], timeout: float
+) -> None:
+    """wait_for_log for async tests: the event loop (and the servers on it) keeps running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _logged(path, text):
+            return
+        if process.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    _not_logged(path, text)
+
+
+def _logged(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text(errors="replace")
+
+
+def _not_logged(path: Path, text: str) -> None:
     log = path.read_text(errors="replace") if path.exists() else ""
     raise RuntimeError(f"{text!r} not seen in {path}:\n{log[-3000:]}")
 
@@ -65,8 +89,13 @@ def settings(redis_server: EmbeddedRedis) -> Settings:
 
 
 def start_worker(
-    log: Path, *, concurrency: int = 4, queues: str = "celery"
+    log: Path,
+    *,
+    concurrency: int = 4,
+    queues: str = "celery",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """A prefork worker in its own process group (`os.killpg` kills it whole)."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             worker_command(
@@ -82,13 +111,36 @@ def start_worker(
                 "--without-heartbeat",
             ),
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     wait_for_log(log, "ready.", process, timeout=60)
     return process
+
+
+def start_server_process(
+    log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m service serve` in its own process group, on a free port."""
+    port = free_port()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "TASKSERVICE_PORT": str(port),
+                **(env or {}),
+            },
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for_log(log, "taskservice listening", process, timeout=60)
+    return process, port
 
 
 @pytest.fixture(scope="session")

@@ -2,127 +2,112 @@
 
 A thread in the worker's main process (a Celery bootstep), not in the task
 body, so a busy or blocked task never loses its lease while its worker lives.
-Every `heartbeat_interval` it renews, in one script call:
-- the tasks the worker runs (Celery's active requests), and
+Every `heartbeat_interval` (and at once when a task arrives) it renews, in
+one script call, the tasks in Celery's own bookkeeping of the worker
+(`celery.worker.state`):
+- the tasks it runs (`active_requests`), and
 - the tasks it holds unstarted: prefetched, or waiting for their countdown.
+
 When the worker dies, nothing renews them: they end LOST within `lease` (plus
-a sweep), and their exclusivity keys are free. On a warm shutdown the worker
-hands unstarted tasks back to the broker, so their leases are dropped.
+a sweep), and their exclusivity keys are free. When it loses its broker
+connection, Celery drops the unstarted ones (kombu redelivers them only after
+its visibility timeout), so they end LOST too and the late copy is refused.
+
+A warm shutdown first drops the unstarted tasks from Celery's bookkeeping,
+waits for the running ones, and only then hands the unstarted messages back
+to the broker. The heartbeat keeps their leases alive through that wait (a
+worker killed during it leaves them LOST, not stuck) and drops the leases as
+the process exits, so they wait in the broker again, unleased.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
-import weakref
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import task_received
+from celery.signals import task_received, worker_shutting_down
 from celery.worker import state
 
 logger = logging.getLogger(__name__)
 
 BATCH_DELAY = 0.05
+"""Seconds the heartbeat waits after a beat, so tasks arriving together are
+leased together."""
 
 
-class Holdings:
-    """The requests this worker process holds, by task id."""
-
-    def __init__(self) -> None:
-        # Written by the consumer thread (one dict operation at a time, atomic
-        # under the GIL), read by the heartbeat thread from a copy.
-        self._received: dict[str, weakref.ref[Any]] = {}
-
-    def received(self, request: Any) -> None:
-        self._received[request.id] = weakref.ref(request)
-
-    def snapshot(self) -> tuple[list[str], list[str]]:
-        """(ids of tasks running, ids of tasks held unstarted)."""
-        running = _ids(state.active_requests)
-        held = []
-        for task_id, ref in self._received.copy().items():
-            request = ref()
-            if request is None:
-                self._received.pop(task_id, None)
-            elif not request.acknowledged and task_id not in running:
-                held.append(task_id)
-        return sorted(running), held
+def held_tasks() -> tuple[list[str], list[str]]:
+    """(ids of the tasks this worker runs, ids of those it holds unstarted),
+    from Celery's bookkeeping, which the consumer thread changes meanwhile."""
+    requests: dict[str, Any] = dict(state.requests)  # a dict copy is atomic under the GIL
+    # Copying a WeakSet runs Python code between items; its underlying set
+    # of references copies atomically.
+    refs: set[Any] = set(state.active_requests.data)  # type: ignore[attr-defined]
+    active = {request.id for request in _alive(refs)}
+    running = sorted(task_id for task_id in requests if task_id in active)
+    unstarted = sorted(task_id for task_id in requests if task_id not in active)
+    return running, unstarted
 
 
-def _ids(requests: Any) -> set[str]:
-    # A WeakSet the consumer thread changes while we copy it: copy again.
-    for _ in range(10):
-        try:
-            return {request.id for request in list(requests)}
-        except RuntimeError:
-            continue
-    return set()
+def _alive(refs: set[Any]) -> list[Any]:
+    return [request for request in (ref() for ref in refs) if request is not None]
 
 
 class Heartbeat(bootsteps.StartStopStep):
     """Bootstep running the heartbeat thread in the worker's main process."""
 
     label = "taskservice heartbeat"
+    # A deterministic place in the worker's start order; its stop() runs
+    # before the pool waits for running tasks, which still need their leases.
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self._holdings = Holdings()
-        self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._exiting = threading.Event()
+        self._handed_back: set[str] = set()
         self._reporter: Any = None
         self._hostname = ""
+        self._pid = 0
 
     def start(self, parent: Any) -> None:
         app = parent.app
-        settings = app.settings
         self._reporter = app.reporter
         self._hostname = parent.hostname
+        self._pid = os.getpid()
         task_received.connect(self._on_received, weak=False)
-        self._thread = threading.Thread(
+        worker_shutting_down.connect(self._on_shutting_down, weak=False)
+        atexit.register(self._at_exit)
+        threading.Thread(
             target=self._run,
-            args=(settings.heartbeat_interval,),
+            args=(app.settings.heartbeat_interval,),
             name="taskservice-heartbeat",
             daemon=True,
-        )
-        self._thread.start()
-
-    def stop(self, parent: Any) -> None:
-        task_received.disconnect(self._on_received)
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        _, held = self._holdings.snapshot()
-        if held and self._reporter is not None:
-            # Their messages return to the queue; let them wait there unleased.
-            try:
-                self._reporter.run(self._reporter.scripts.release(held))
-            except Exception:
-                logger.exception("could not release the leases of %d unstarted tasks", len(held))
-
-    shutdown = stop
+        ).start()
 
     def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        if request is not None and getattr(request, "id", None):
-            self._holdings.received(request)
-            # Lease it now rather than at the next beat: a worker dying in
-            # between would leave the task waiting for kombu's redelivery.
-            self._wake.set()
+        # Lease it now rather than at the next beat: a worker dying in
+        # between would leave the task waiting for kombu's redelivery.
+        self._wake.set()
+
+    def _on_shutting_down(self, **_: Any) -> None:
+        self._handed_back.update(held_tasks()[1])
 
     def _run(self, interval: float) -> None:
-        while not self._stop.is_set():
+        while not self._exiting.is_set():
             self._wake.wait(interval)
             self._wake.clear()
-            if self._stop.is_set():
+            if self._exiting.is_set():
                 return
             self.beat()
-            # Tasks received together are leased together.
-            self._stop.wait(BATCH_DELAY)
+            self._exiting.wait(BATCH_DELAY)
 
     def beat(self) -> None:
-        running, held = self._holdings.snapshot()
+        running, held = held_tasks()
+        held = sorted(set(held) | self._handed_back)
         if not running and not held:
             return
         reporter = self._reporter
@@ -132,6 +117,19 @@ class Heartbeat(bootsteps.StartStopStep):
         try:
             reporter.run(call)
         except Exception:
-            # Celery would not hear of it; the leases simply lapse if this
-            # lasts, which is the truth: this worker cannot vouch for them.
+            # The leases simply lapse if this lasts, which is the truth: this
+            # worker cannot vouch for its tasks.
             logger.exception("heartbeat failed for %d tasks", len(running) + len(held))
+
+    def _at_exit(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked pool process inherited the registration
+        self._exiting.set()
+        self._wake.set()
+        if self._handed_back:
+            # Their messages are back in the broker: let them wait there unleased.
+            try:
+                call = self._reporter.scripts.release(sorted(self._handed_back))
+                self._reporter.run(call, retry_for=0)
+            except Exception:
+                logger.exception("could not drop the leases of %d tasks", len(self._handed_back))

@@ -69,10 +69,10 @@ class Reporter:
         )
         self._loaded: dict[str, Script] = {}
 
-    def run(self, call: Call) -> Any:
+    def run(self, call: Call, *, retry_for: float | None = None) -> Any:
         """Run a script, retrying while Redis is unreachable (for at most
-        `worker_write_retry` seconds)."""
-        deadline = time.monotonic() + self._retry_for
+        `retry_for` seconds, by default `worker_write_retry`)."""
+        deadline = time.monotonic() + (self._retry_for if retry_for is None else retry_for)
         delay = 0.05
         while True:
             try:

@@ -153,7 +153,9 @@ async def test_a_cancel_made_while_no_worker_listens_still_wins(
     assert (
         await stub.Cancel(pb.CancelRequest(task_id=task.id))
     ).task.state == pb.TASK_STATE_CANCELLED
-    late = start_worker(tmp_path / "late-worker.log", concurrency=1, queues=queue)
+    late = await asyncio.to_thread(
+        start_worker, tmp_path / "late-worker.log", concurrency=1, queues=queue
+    )
     try:
         # A task queued after it shows the late worker is consuming.
         marker = start_request("test.echo", "after")

@@ -4,37 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.embedded import free_port, stop_process_group
-from tests.conftest import ROOT
+from service.embedded import stop_process_group
+from tests.conftest import start_server_process
 from tests.support.client import TERMINAL, error_info, finished, start_request
 
 
 @pytest.fixture
 async def second_server(
-    worker_process: subprocess.Popen[bytes],
+    worker_process: subprocess.Popen[bytes], tmp_path: Path
 ) -> AsyncIterator[pb_grpc.TaskServiceStub]:
     """Another server *process* on the same Redis (`python -m service serve`)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve"],
-        cwd=ROOT,
-        env={**os.environ, "TASKSERVICE_PORT": str(port), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             await asyncio.wait_for(channel.channel_ready(), 30)

@@ -18,6 +18,7 @@ from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
 from service.server import Server, create_server
 from tests.support.client import error_info, finished, start_request
+from tests.support.proxies import SlowProxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -140,41 +141,6 @@ async def test_shutdown_ends_watch_streams_with_unavailable(
         assert error_info(caught.value).reason == "SHUTTING_DOWN"
         await asyncio.wait_for(stopping, 10)
     await stub.Cancel(pb.CancelRequest(task_id=task.id))
-
-
-class SlowProxy:
-    """A TCP proxy to Redis that delays everything sent to it (a slow broker)."""
-
-    def __init__(self, target_port: int, delay: float) -> None:
-        self.target_port = target_port
-        self.delay = delay
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> SlowProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
-            try:
-                while data := await src.read(65536):
-                    await asyncio.sleep(delay)
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(reader, up_writer, self.delay), pump(up_reader, writer, 0))
 
 
 async def test_a_start_whose_caller_goes_away_still_completes_and_holds_its_key(

@@ -1,0 +1,282 @@
+"""No key stays held by a dead worker, a dead server or a hung broker.
+
+Real faults: whole workers and servers killed with SIGKILL, a broker proxy
+that never answers or answers slowly. Leases are short in tests (conftest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.embedded import EmbeddedRedis, stop_process_group
+from service.server import create_server
+from tests.conftest import log_shows, start_server_process, start_worker
+from tests.support.client import (
+    error_info,
+    finished,
+    running,
+    start,
+    start_request,
+    watch_all,
+)
+from tests.support.proxies import BlackholeProxy, SlowProxy
+
+
+def on_queue(request: pb.StartRequest, queue: str) -> pb.StartRequest:
+    request.options.queue = queue
+    return request
+
+
+async def free_within(stub: pb_grpc.TaskServiceStub, key: str, seconds: float) -> pb.Task:
+    """Start test.echo under `key` as soon as the key is free (within `seconds`)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        try:
+            return (await stub.Start(start_request("test.echo", "free", key=key))).task
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS, error.details()
+            if loop.time() > deadline:
+                raise AssertionError(f"key {key!r} still held after {seconds}s") from error
+            await asyncio.sleep(0.1)
+
+
+async def test_a_whole_worker_killed_mid_task_ends_lost_and_frees_its_key(
+    stub: pb_grpc.TaskServiceStub, settings: Settings, key: str, tmp_path: Path
+) -> None:
+    queue = f"doomed-{uuid.uuid4().hex[:8]}"
+    worker = await asyncio.to_thread(
+        start_worker, tmp_path / "worker.log", concurrency=1, queues=queue
+    )
+    try:
+        out = tmp_path / "out"
+        request = start_request("test.write_after", key=key, path=str(out), seconds=60)
+        task = (await stub.Start(on_queue(request, queue))).task
+        await running(stub, task.id, Path(str(out) + ".pid"))
+        watcher = asyncio.create_task(watch_all(stub, task.id, timeout=30))
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        os.killpg(worker.pid, signal.SIGKILL)  # OOM killer, eviction, compose down
+        messages = await watcher
+        took = loop.time() - killed_at
+    finally:
+        stop_process_group(worker)
+    lost = messages[-1]
+    assert lost.state == pb.TASK_STATE_LOST
+    assert lost.error.type == "WorkerLostError"
+    assert "stopped heartbeating" in lost.error.message
+    assert took < settings.lease + settings.sweep_interval + 2, took
+    await free_within(stub, key, 1)
+
+
+async def test_a_long_task_on_a_live_worker_is_never_declared_lost(
+    stub: pb_grpc.TaskServiceStub, settings: Settings, key: str
+) -> None:
+    seconds = settings.lease * 2.5
+    task = await start(stub, "test.sleep", seconds, key=key)
+    done = await finished(stub, task.id, timeout=seconds + 10)
+    assert done.state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_a_message_delivered_again_never_runs_the_body_twice(
+    stub: pb_grpc.TaskServiceStub, settings: Settings, tmp_path: Path
+) -> None:
+    from worker.app import create_publisher
+
+    queue = f"again-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    worker = await asyncio.to_thread(start_worker, log, concurrency=2, queues=queue)
+    publisher = create_publisher(settings)
+    runs = tmp_path / "runs"
+    try:
+        request = start_request("test.log_run", path=str(runs), seconds=1)
+        task = (await stub.Start(on_queue(request, queue))).task
+        await asyncio.sleep(0.5)  # running now
+        # As kombu redelivers: the same message again, while it runs, then after.
+        again = {"kwargs": {"path": str(runs), "seconds": 1}, "task_id": task.id, "queue": queue}
+        publisher.send_task("test.log_run", **again)
+        done = await finished(stub, task.id)
+        publisher.send_task("test.log_run", **again)
+        await log_shows(log, f"task {task.id} is running on", worker, timeout=10)
+        await log_shows(log, f"task {task.id} already ended", worker, timeout=10)
+    finally:
+        stop_process_group(worker)
+    assert runs.read_text().splitlines() == [task.id]
+    assert done.state == pb.TASK_STATE_SUCCEEDED
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.sequence == done.sequence  # the refused copies changed nothing
+
+
+async def test_a_server_killed_before_publishing_frees_the_key_after_its_provisional_lease(
+    stub: pb_grpc.TaskServiceStub, settings: Settings, key: str, tmp_path: Path
+) -> None:
+    async with BlackholeProxy() as broker:
+        env = {
+            "TASKSERVICE_BROKER_URL": f"redis://127.0.0.1:{broker.port}/0",
+            "TASKSERVICE_PUBLISH_TIMEOUT": "1",
+        }
+        doomed, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log", env)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.TaskServiceStub(channel).Start(
+                    start_request("test.echo", "lost", key=key)
+                )
+                # Claimed and waiting for the hung broker:
+                holder = await until_held(stub, key)
+                os.killpg(doomed.pid, signal.SIGKILL)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call
+        finally:
+            stop_process_group(doomed)
+    assert holder.state == pb.TASK_STATE_QUEUED
+    provisional = 1 + settings.lease
+    await free_within(stub, key, provisional + settings.sweep_interval + 2)
+    given_up = (await stub.GetStatus(pb.GetStatusRequest(task_id=holder.id))).task
+    assert given_up.state == pb.TASK_STATE_CANCELLED
+    assert given_up.error.type == "NotEnqueued"
+
+
+async def test_a_server_killed_mid_publish_leaves_the_key_usable_and_never_two_runs(
+    stub: pb_grpc.TaskServiceStub,
+    settings: Settings,
+    redis_server: EmbeddedRedis,
+    worker_process: subprocess.Popen[bytes],
+    key: str,
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    async with SlowProxy(redis_server.port, delay=0.3) as broker:
+        env = {"TASKSERVICE_BROKER_URL": f"redis://127.0.0.1:{broker.port}/0"}
+        doomed, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log", env)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.TaskServiceStub(channel).Start(
+                    start_request("test.log_run", path=str(runs), key=key)
+                )
+                holder = await until_held(stub, key)
+                await asyncio.sleep(0.5)  # the message is on its way through the proxy
+                os.killpg(doomed.pid, signal.SIGKILL)
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call
+            # Whether the message made it or not, the key is usable again
+            # within the provisional lease, and the task ran at most once.
+            provisional = settings.publish_timeout + settings.lease
+            follow_up = await free_within(stub, key, provisional + settings.sweep_interval + 3)
+        finally:
+            stop_process_group(doomed)
+    ended = await finished(stub, holder.id)
+    assert ended.state in (pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_CANCELLED)
+    if ended.state == pb.TASK_STATE_CANCELLED:
+        assert ended.error.type == "NotEnqueued"
+    await asyncio.sleep(1)  # a late copy of the message would run by now
+    ran = runs.read_text().splitlines() if runs.exists() else []
+    assert ran == ([holder.id] if ended.state == pb.TASK_STATE_SUCCEEDED else [])
+    assert (await finished(stub, follow_up.id)).state == pb.TASK_STATE_SUCCEEDED
+
+
+async def until_held(stub: pb_grpc.TaskServiceStub, key: str) -> pb.Task:
+    for _ in range(200):
+        try:
+            return (await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))).task
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing ever held {key!r}")
+
+
+async def test_a_broker_that_never_answers_fails_starts_in_time_and_bounds_the_backlog(
+    stub: pb_grpc.TaskServiceStub, settings: Settings
+) -> None:
+    keys = [f"hung-{uuid.uuid4().hex[:8]}" for _ in range(6)]
+    async with BlackholeProxy() as broker:
+        hung = settings.model_copy(
+            update={
+                "broker_url": f"redis://127.0.0.1:{broker.port}/0",
+                "max_pending_publishes": 2,
+                "publish_timeout": 1.5,
+            }
+        )
+        running_server = await create_server(hung, port=0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running_server.port}") as channel:
+                hung_stub = pb_grpc.TaskServiceStub(channel)
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+
+                async def attempt(key: str) -> tuple[str, str, float]:
+                    try:
+                        await hung_stub.Start(start_request("test.echo", key=key), timeout=5)
+                    except grpc.aio.AioRpcError as error:
+                        return error.code().name, error_info(error).reason, loop.time() - began
+                    return "OK", "", loop.time() - began
+
+                outcomes = await asyncio.gather(*(attempt(k) for k in keys))
+        finally:
+            await running_server.stop(0)
+    # Two Starts waited for the broker and gave up within the publish
+    # timeout; the others were refused at once instead of piling up.
+    assert Counter((code, reason) for code, reason, _ in outcomes) == {
+        ("UNAVAILABLE", "BROKER_UNAVAILABLE"): 2,
+        ("RESOURCE_EXHAUSTED", "PUBLISH_BACKLOG"): 4,
+    }
+    assert all(took < 1 for code, _, took in outcomes if code == "RESOURCE_EXHAUSTED")
+    assert all(took < 4 for _, _, took in outcomes)
+    # Nothing holds any of the keys.
+    for key in keys:
+        await free_within(stub, key, 0)
+
+
+async def test_tasks_a_killed_worker_held_unstarted_end_lost_and_every_watcher_is_told(
+    stub: pb_grpc.TaskServiceStub, settings: Settings, tmp_path: Path
+) -> None:
+    queue = f"doomed-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    worker = await asyncio.to_thread(start_worker, log, concurrency=1, queues=queue)
+    try:
+        # One process: it holds a task for its countdown, runs one and has
+        # prefetched the next.
+        later = on_queue(start_request("test.sleep", 60), queue)
+        later.options.countdown.seconds = 30
+        scheduled = (await stub.Start(later)).task
+        await log_shows(log, scheduled.id, worker, timeout=10)  # "Task ... received"
+        busy = (await stub.Start(on_queue(start_request("test.sleep", 60), queue))).task
+        await _until_running(stub, busy.id)
+        prefetched = (await stub.Start(on_queue(start_request("test.sleep", 60), queue))).task
+        await log_shows(log, prefetched.id, worker, timeout=10)
+        tasks = [busy, prefetched, scheduled]
+        watchers = [
+            asyncio.create_task(watch_all(stub, t.id, timeout=30)) for t in tasks for _ in range(3)
+        ]
+        await asyncio.sleep(settings.heartbeat_interval * 2)  # leased by now
+        os.killpg(worker.pid, signal.SIGKILL)
+        streams = await asyncio.gather(*watchers)
+    finally:
+        stop_process_group(worker)
+    ends = {s[-1].id: s[-1] for s in streams}
+    assert {t.state for t in ends.values()} == {pb.TASK_STATE_LOST}
+    assert all(s[0].sequence <= s[-1].sequence for s in streams)
+    assert "before starting it" in ends[prefetched.id].error.message
+    assert "before starting it" in ends[scheduled.id].error.message
+    assert not ends[scheduled.id].HasField("start_time")
+
+
+async def _until_running(stub: pb_grpc.TaskServiceStub, task_id: str) -> None:
+    for _ in range(200):
+        status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task_id))).task
+        if status.state == pb.TASK_STATE_RUNNING:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} never ran")
