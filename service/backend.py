@@ -39,7 +39,7 @@ from service.publisher import Publisher, Ticket
 from worker import record
 from worker.record import TaskRecord
 from worker.registry import EXCLUSIVITY_KEY_PATTERN, TaskRegistry, TaskType
-from worker.scripts import Call, Scripts
+from worker.scripts import Call, Scripts, transient
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,22 @@ class Backend:
             script = self._loaded[call.script] = self._redis.register_script(call.script)
         return await script(keys=call.keys, args=call.args)
 
+    async def _persist(self, call: Call) -> Any:
+        """Run a script, retrying through a Redis restart or failover for up
+        to half a lease: long enough to ride out a blip, short enough to end
+        well within the provisional lease of a Start."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._settings.lease / 2
+        delay = 0.05
+        while True:
+            try:
+                return await self._run(call)
+            except redis.exceptions.RedisError as error:
+                if not transient(error) or loop.time() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     # -- Start ---------------------------------------------------------------
 
     async def start(self, cmd: StartCommand) -> Started:
@@ -185,7 +201,9 @@ class Backend:
             if await self._abandon(task_id, exc):
                 raise
             return Started(accepted, already_existed=False)
-        status, detail = await self._run(self._scripts.confirm(task_id))
+        # The broker has the message: a worker may run it any moment, so this
+        # Start must not answer an error because Redis blinked now.
+        status, detail = await self._persist(self._scripts.confirm(task_id))
         if status == "missing":
             raise RedisUnavailable(f"the record of task {task_id} vanished: did Redis lose data?")
         if status == "moved" and _never_enqueued(TaskRecord.from_json(detail)):
@@ -222,7 +240,7 @@ class Backend:
         back. False if a worker has the task after all (the Start succeeded)."""
         message = f"never enqueued: {str(error)[:200] or type(error).__name__}"
         try:
-            status, detail = await self._run(self._scripts.abandon(task_id, message))
+            status, detail = await self._persist(self._scripts.abandon(task_id, message))
         except (redis.exceptions.RedisError, OSError):
             logger.warning("could not abandon task %s; its provisional lease will", task_id)
             return True

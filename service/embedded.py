@@ -78,10 +78,15 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 10.0) 
 
 
 class EmbeddedRedis:
-    """A redis-server child process on 127.0.0.1 and a free port."""
+    """A redis-server child process on 127.0.0.1 and a free port.
 
-    def __init__(self, *, port: int | None = None) -> None:
+    `args` are passed on to redis-server after the defaults (which they
+    override), e.g. `("--appendonly", "yes")` to keep writes across `crash()`
+    and `start()`."""
+
+    def __init__(self, *, port: int | None = None, args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        self.args = tuple(args)
         self.dir = Path(tempfile.mkdtemp(prefix="taskservice-redis-"))
         self.log = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -107,6 +112,7 @@ class EmbeddedRedis:
                     str(self.dir),
                     "--logfile",
                     str(self.log),
+                    *self.args,
                 ]
             ),
             stdin=subprocess.DEVNULL,
@@ -121,6 +127,8 @@ class EmbeddedRedis:
                 try:
                     client.ping()
                     return self
+                except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+                    return self  # up, and asking for a password
                 except redis.exceptions.ConnectionError:
                     if self.process.poll() is not None or time.monotonic() > deadline:
                         log = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -129,6 +137,13 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def crash(self) -> None:
+        """Kill the server with SIGKILL, keeping its data folder: `start()`
+        then finds what its persistence settings kept."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -195,9 +195,9 @@ _CREDENTIALS = (
 )
 
 ErrorMap = tuple[tuple[type[BaseException], str, type[TaskServiceError], str], ...]
+"""(exception class, Redis error code or "", what it becomes, what a caller reads)."""
 
 REDIS_ERRORS: ErrorMap = (
-    # (exception class, message prefix or "", what it becomes, the message a caller reads)
     (redis.exceptions.AuthenticationError, "", RedisMisconfigured, "Redis refused the credentials"),
     (
         redis.exceptions.AuthenticationWrongNumberOfArgsError,
@@ -217,7 +217,18 @@ REDIS_ERRORS: ErrorMap = (
     (redis.exceptions.ReadOnlyError, "", RedisReadOnly, "Redis is a read-only replica"),
     (redis.exceptions.OutOfMemoryError, "", RedisOutOfMemory, "Redis is out of memory"),
     (redis.exceptions.TryAgainError, "", RedisBusy, "Redis asked to try again"),
+    # Redis before 7 reports an error inside a script as a generic one that
+    # carries the original code ("... @user_script:1: -READONLY ...").
+    (redis.exceptions.ResponseError, "READONLY", RedisReadOnly, "Redis is a read-only replica"),
+    (redis.exceptions.ResponseError, "OOM", RedisOutOfMemory, "Redis is out of memory"),
+    (
+        redis.exceptions.ResponseError,
+        "NOPERM",
+        RedisMisconfigured,
+        "the Redis user lacks a permission",
+    ),
     (redis.exceptions.ResponseError, "BUSY", RedisBusy, "Redis is busy running a script"),
+    (redis.exceptions.ResponseError, "TRYAGAIN", RedisBusy, "Redis asked to try again"),
     (redis.exceptions.ConnectionError, "", RedisUnavailable, "Redis is unreachable"),
     (redis.exceptions.TimeoutError, "", RedisUnavailable, "Redis did not answer in time"),
 )
@@ -236,8 +247,11 @@ BROKER_ERRORS: ErrorMap = (
 
 
 def _match(exc: BaseException, table: ErrorMap) -> TaskServiceError | None:
-    for cls, prefix, ours, message in table:
-        if isinstance(exc, cls) and str(exc).startswith(prefix):
+    text = str(exc)
+    for cls, code, ours, message in table:
+        if isinstance(exc, cls) and (
+            not code or text.startswith(f"{code} ") or f"-{code} " in text
+        ):
             error = ours(f"{message} ({_short(exc)}); {_advice(ours)}")
             if isinstance(error, Misconfigured):
                 logger.error("configuration error: %s", error.message, exc_info=exc)

@@ -12,6 +12,8 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
@@ -71,6 +73,12 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         max_connections=256,
+        # After a Redis restart every pooled connection is stale: reconnect
+        # and retry rather than fail the call (every script is safe to run
+        # twice), and check connections that sat idle before using them.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        health_check_interval=30,
     )
     # The subscription waits indefinitely for messages, so it gets a client
     # without a read timeout.
@@ -79,6 +87,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         decode_responses=True,
         socket_connect_timeout=settings.redis_timeout,
         health_check_interval=10,
+        client_name=events_client_name(settings),
     )
     hub = EventHub(sub_client, record.events_channel(settings.key_prefix))
     await hub.start(wait=settings.redis_timeout)
@@ -107,6 +116,11 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
+
+
+def events_client_name(settings: Settings) -> str:
+    """The name of each server's event subscription in Redis's CLIENT LIST."""
+    return f"{settings.key_prefix}:events"
 
 
 async def _report_health(backend: Backend, servicer: health.aio.HealthServicer) -> None:

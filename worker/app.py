@@ -63,8 +63,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_timeout": settings.redis_timeout * 5,
         "socket_connect_timeout": settings.redis_timeout,
     }
-    return {
-        "broker_url": settings.effective_broker_url,
+    broker = settings.effective_broker_url
+    config: dict[str, Any] = {
+        "broker_url": broker,
         "result_backend": settings.effective_result_backend,
         "include": list(settings.task_modules),
         # JSON end to end: results become google.protobuf.Value, and a result
@@ -88,8 +89,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {**timeouts, "visibility_timeout": VISIBILITY_TIMEOUT},
         "redis_socket_timeout": settings.redis_timeout * 5,
         "redis_socket_connect_timeout": settings.redis_timeout,
+        # Celery's own result store (for Flower and AsyncResult) rides
+        # through a Redis restart instead of failing the task's bookkeeping.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
         "worker_hijack_root_logger": True,
     }
+    if broker.split("://", 1)[0] in ("redis", "rediss"):
+        # Survives a Redis restart (see the module).
+        config["broker_transport"] = "worker.redis_transport:Transport"
+    return config
 
 
 app = signals.TaskServiceCelery(

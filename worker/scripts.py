@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import redis.exceptions
+
 from worker import record
 
 _PRELUDE = """
@@ -122,6 +124,7 @@ local id = ARGV[3]
 local prev = false
 if KEYS[2] then
   prev = redis.call('GET', KEYS[2])
+  if prev == id then return {'ok', ''} end  -- this claim, sent again
   if prev then
     local pkey = task_key(prev)
     local state = current(pkey, prev, now)
@@ -382,6 +385,22 @@ class Scripts:
 
     def sweep(self, limit: int) -> Call:
         return self._call(SWEEP, [record.leases_key(self.prefix)], str(limit))
+
+
+def transient(error: BaseException) -> bool:
+    """True for the errors a Redis restart or failover causes, which pass by
+    themselves (a retry is worth it); False for wrong credentials and the like."""
+    return isinstance(
+        error,
+        (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.TryAgainError,
+        ),
+    ) and not isinstance(
+        error, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+    )
 
 
 def _pairs(fields: Mapping[str, str]) -> list[str]:

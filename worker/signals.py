@@ -39,18 +39,9 @@ from redis.commands.core import Script
 
 from service.config import Settings
 from worker import record
-from worker.scripts import Call, Scripts
+from worker.scripts import Call, Scripts, transient
 
 logger = logging.getLogger(__name__)
-
-# Errors that a Redis restart or failover causes, and that pass.
-_TRANSIENT = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.TryAgainError,
-)
-_PERMANENT = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
 
 
 class Reporter:
@@ -80,10 +71,8 @@ class Reporter:
                 if script is None:
                     script = self._loaded[call.script] = self._client.register_script(call.script)
                 return script(keys=call.keys, args=call.args)
-            except _PERMANENT:
-                raise
-            except _TRANSIENT as exc:
-                if time.monotonic() + delay > deadline:
+            except redis.exceptions.RedisError as exc:
+                if not transient(exc) or time.monotonic() + delay > deadline:
                     raise
                 logger.warning("record write failed (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)

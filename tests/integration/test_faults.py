@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,9 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.embedded import EmbeddedRedis, free_port
+from service.embedded import EmbeddedRedis, free_port, stop_process_group
 from service.server import Server, create_server
-from tests.support.client import error_info, finished, start_request
+from tests.conftest import start_worker
+from tests.support.client import TERMINAL, error_info, finished, start_request, watch_all
 from tests.support.proxies import SlowProxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -229,3 +234,102 @@ async def records_under(settings: Settings, key: str) -> list[dict[str, str]]:
         return found
     finally:
         await client.aclose()
+
+
+async def test_a_redis_restart_under_load_leaves_no_task_unfinished_and_no_key_held(
+    tmp_path: Path,
+) -> None:
+    own = EmbeddedRedis(args=("--appendonly", "yes", "--appendfsync", "always")).start()
+    lease = 8.0
+    settings = Settings(
+        redis_url=own.url,
+        key_prefix=f"restart-{uuid.uuid4().hex[:6]}",
+        lease=lease,
+        heartbeat_interval=1,
+        sweep_interval=0.25,
+        redis_timeout=0.5,
+        health_interval=0.2,
+    )
+    env = {
+        "TASKSERVICE_REDIS_URL": own.url,
+        "TASKSERVICE_KEY_PREFIX": settings.key_prefix,
+        "TASKSERVICE_LEASE": str(lease),
+        "TASKSERVICE_HEARTBEAT_INTERVAL": "1",
+        "TASKSERVICE_REDIS_TIMEOUT": "0.5",
+    }
+    workers = [
+        await asyncio.to_thread(
+            start_worker,
+            tmp_path / f"worker{n}.log",
+            concurrency=2,
+            queues=f"celery,only{n}",
+            env=env,
+        )
+        for n in (0, 1)
+    ]
+    running = await create_server(settings, port=0)
+    rng = random.Random(5)
+    keys = [f"restart-{n}" for n in range(6)]
+    accepted: list[str] = []
+    streams: list[asyncio.Task[list[pb.Task]]] = []
+    refusals: Counter[str] = Counter()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.TaskServiceStub(channel)
+            stop = asyncio.Event()
+
+            async def client() -> None:
+                while not stop.is_set():
+                    request = start_request(
+                        "test.sleep", rng.choice([0.1, 0.4, 1.0]), key=rng.choice(keys)
+                    )
+                    try:
+                        task = (await stub.Start(request, timeout=5)).task
+                    except grpc.aio.AioRpcError as error:
+                        refusals[error.code().name] += 1
+                    else:
+                        accepted.append(task.id)
+                        streams.append(asyncio.create_task(watch_to_end(stub, task.id)))
+                    await asyncio.sleep(0.05)
+
+            clients = [asyncio.create_task(client()) for _ in range(6)]
+            await asyncio.sleep(3)
+            own.crash()  # kill -9: AOF with fsync always keeps every write
+            await asyncio.sleep(2)
+            await asyncio.to_thread(own.start)
+            await asyncio.sleep(3)
+            stop.set()
+            await asyncio.gather(*clients)
+
+            # Every accepted task ends, every watcher is told, within the lease.
+            ends = await asyncio.wait_for(asyncio.gather(*streams), lease + 15)
+            assert len(ends) == len(accepted) >= 10
+            assert all(end.state in TERMINAL for end in ends)
+            for key in keys:
+                with contextlib.suppress(grpc.aio.AioRpcError):  # never used
+                    holder = (await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))).task
+                    assert holder.state in TERMINAL, holder
+            # Nothing answered anything but "already running" or "retry".
+            assert set(refusals) <= {"ALREADY_EXISTS", "UNAVAILABLE"}, refusals
+            # Both workers survived and still consume.
+            assert [w.poll() for w in workers] == [None, None]
+            for n in (0, 1):
+                request = start_request("test.echo", n)
+                request.options.queue = f"only{n}"
+                task = (await stub.Start(request)).task
+                assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
+    finally:
+        await running.stop(0)
+        for worker in workers:
+            stop_process_group(worker)
+        own.stop()
+
+
+async def watch_to_end(stub: pb_grpc.TaskServiceStub, task_id: str) -> pb.Task:
+    """Watch a task to its end as a client should: watch again after UNAVAILABLE."""
+    while True:
+        try:
+            return (await watch_all(stub, task_id, 60))[-1]
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            await asyncio.sleep(0.2)

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.server import Server
+from service.config import Settings
+from service.server import Server, events_client_name
 from tests.support.client import TERMINAL, error_info, finished, start, watch_all
+from worker.scripts import Scripts
 
 
 async def test_watch_delivers_every_change_in_order_and_ends(stub: pb_grpc.TaskServiceStub) -> None:
@@ -114,3 +117,31 @@ async def test_a_retried_task_goes_back_to_queued_then_runs_again(
     assert [m.sequence for m in messages] == list(range(messages[0].sequence, 6))
     assert [m.state for m in messages] == [expected[m.sequence] for m in messages]
     assert messages[-1].result.string_value == "second try"
+
+
+async def test_a_watch_hears_a_change_made_while_its_server_was_not_subscribed(
+    stub: pb_grpc.TaskServiceStub, settings: Settings
+) -> None:
+    task = await start(stub, "test.sleep", 4)
+    call = stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
+    while (await call.read()).task.state != pb.TASK_STATE_RUNNING:
+        pass
+    client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        # Drop the server's subscription, then change the task at once: the
+        # change is published while nobody listens.
+        for entry in await client.client_list():
+            if entry["name"] == events_client_name(settings):
+                await client.client_kill_filter(_id=entry["id"])
+        change = Scripts(settings.key_prefix, settings.record_ttl).transition(
+            task.id, {"STARTED"}, "", {"progress": '{"message": "during the gap"}'}
+        )
+        await client.register_script(change.script)(keys=change.keys, args=change.args)
+    finally:
+        await client.aclose()
+    # The server resubscribes and re-reads the task: the change arrives now,
+    # not only with the task's end.
+    seen = await asyncio.wait_for(call.read(), 2)
+    assert seen.task.state == pb.TASK_STATE_RUNNING
+    assert seen.task.progress.message == "during the gap"
+    call.cancel()

@@ -97,6 +97,14 @@ def test_claim_of_a_held_key_writes_nothing_and_names_the_holder(store: Store) -
     assert store.holder("k") == holder
 
 
+def test_a_claim_sent_twice_is_applied_once(store: Store) -> None:
+    fields = record.new_record_fields("t-1", "t", exclusivity_key="k", queue="q", scheduled=None)
+    call = store.scripts.claim(fields, exclusivity_key="k", provisional_ms=LONG)
+    assert store.run(call) == ["ok", ""]
+    assert store.run(call) == ["ok", ""]  # a retry after a dropped connection
+    assert store.holder("k") == "t-1"
+
+
 def test_claim_after_the_holder_finished_takes_the_key(store: Store) -> None:
     first = store.new("k")
     store.run(store.scripts.transition(first, record.ACTIVE_STATES, record.SUCCESS))

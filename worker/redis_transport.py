@@ -1,0 +1,134 @@
+"""kombu's Redis transport, made to survive a Redis restart.
+
+With kombu/Celery 5.7, a worker that loses its Redis broker while it holds
+unacknowledged messages (prefetched, or waiting for a countdown) can die on
+reconnect: `Unrecoverable error: AttributeError("'NoneType' object has no
+attribute 'hostname'")`. The consumer's reconnect first calls
+`Connection.collect()`: the consuming channel fails to close (its pending
+BRPOP read fails, Redis being down), and `collect()` then detaches the
+transport (`transport.client = None`). Celery then closes the same channel
+again, which now tries to put its unacknowledged messages back through a
+new connection pool, built from `transport.client.hostname`: the
+AttributeError escapes Celery's reconnect handler and stops the worker.
+
+This transport (selected by `broker_transport` in `worker.app`) fixes both
+halves:
+- a channel remembers its kombu Connection and uses it when the transport
+  was detached, so the late restore fails like any restore while Redis is
+  down (a ConnectionError, which Celery ignores while reconnecting);
+- the delivery tags that could not be restored are remembered, and put back
+  in their queue by the first new channel to the same Redis, as soon as it
+  connects (kombu's own `restore_by_tag`, atomic, a no-op for a tag already
+  gone). Without this they would wait in the `unacked` hash for the whole
+  visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_unrestored: dict[tuple[Any, ...], list[str]] = {}
+"""Delivery tags whose restore failed, by (host, port, db, unacked key, prefix)."""
+
+os.register_at_fork(after_in_child=_unrestored.clear)  # a pool child restores nothing
+
+# kombu's stubs omit most of what is overridden here.
+_QoS: Any = kombu_redis.QoS
+_Channel: Any = kombu_redis.Channel
+_Transport: Any = kombu_redis.Transport
+
+
+def _target(channel: Channel) -> tuple[Any, ...] | None:
+    conninfo = channel.conninfo
+    if conninfo is None:
+        return None
+    options = getattr(conninfo, "transport_options", None) or {}
+    return (
+        conninfo.hostname,
+        conninfo.port,
+        conninfo.virtual_host,
+        channel.unacked_key,
+        options.get("global_keyprefix", ""),
+    )
+
+
+class QoS(_QoS):  # type: ignore[misc]
+    def restore_unacked(self, client: Any = None) -> Any:
+        self._flush()  # forget what was acknowledged meanwhile
+        tags = list(self._delivered)
+        try:
+            return super().restore_unacked(client)
+        except self.channel.connection_errors:
+            target = _target(self.channel)
+            if tags and target is not None:
+                with _lock:
+                    _unrestored.setdefault(target, []).extend(tags)
+                logger.warning(
+                    "broker down: %d unacknowledged message(s) will be restored on reconnect",
+                    len(tags),
+                )
+            raise
+
+
+class Channel(_Channel):  # type: ignore[misc]
+    QoS = QoS
+    conninfo: Any = None
+
+    def __init__(self, connection: Any, *args: Any, **kwargs: Any) -> None:
+        # `connection` is the transport; its `client` the kombu Connection.
+        self.conninfo = connection.client
+        super().__init__(connection, *args, **kwargs)
+        self._restore_unrestored()
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is not None and transport.client is None and self.conninfo is not None:
+            transport.client = self.conninfo
+            try:
+                return super()._connparams(asynchronous=asynchronous)
+            finally:
+                transport.client = None
+        return super()._connparams(asynchronous=asynchronous)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.closed:
+                # The late restore may have built a pool after close() had
+                # already disconnected them.
+                try:
+                    self._disconnect_pools()
+                except Exception:
+                    logger.debug("disconnecting a closed channel's pools failed", exc_info=True)
+
+    def _restore_unrestored(self) -> None:
+        target = _target(self)
+        if target is None:
+            return
+        with _lock:
+            tags = _unrestored.pop(target, [])
+        done = 0
+        try:
+            with self.conn_or_acquire() as client:
+                for tag in tags:
+                    self.qos.restore_by_tag(tag, client=client)
+                    done += 1
+        except Exception as exc:
+            with _lock:
+                _unrestored.setdefault(target, []).extend(tags[done:])
+            logger.warning("restoring %d message(s) failed (%r); retrying later", len(tags), exc)
+        if done:
+            logger.warning("restored %d unacknowledged message(s) after reconnecting", done)
+
+
+class Transport(_Transport):  # type: ignore[misc]
+    Channel = Channel
