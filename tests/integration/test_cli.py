@@ -18,7 +18,7 @@ import redis
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.embedded import free_port
+from service.embedded import EmbeddedRedis, free_port
 from service.server import Server
 from tests.conftest import ROOT
 
@@ -144,3 +144,25 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
     assert not [pid for pid in children if alive(pid)]
     with pytest.raises(redis.exceptions.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+
+
+def test_worker_exits_non_zero_when_celery_stops_on_an_error(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    # A supervisor restarts a worker that crashed only if it can tell.
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TASKSERVICE_REDIS_URL": redis_server.url,
+        "TASKSERVICE_TASKS": "worker.tasks,tests.support.crashing_worker",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "worker", "--pool=solo", "-Q", f"q-{tmp_path.name}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Unrecoverable error: RuntimeError('crashing on purpose')" in done.stderr

@@ -82,6 +82,35 @@ async def test_a_whole_worker_killed_mid_task_ends_lost_and_frees_its_key(
     await free_within(stub, key, 1)
 
 
+@pytest.mark.parametrize("mode", [pb.CANCEL_MODE_KILL, pb.CANCEL_MODE_GRACEFUL])
+async def test_a_cancel_of_a_task_whose_worker_is_gone_ends_it_and_frees_the_key(
+    stub: pb_grpc.TaskServiceStub,
+    settings: Settings,
+    key: str,
+    tmp_path: Path,
+    mode: pb.CancelMode.ValueType,
+) -> None:
+    queue = f"doomed-{uuid.uuid4().hex[:8]}"
+    worker = await asyncio.to_thread(
+        start_worker, tmp_path / "worker.log", concurrency=1, queues=queue
+    )
+    try:
+        task = (await stub.Start(on_queue(start_request("test.sleep", 60, key=key), queue))).task
+        await _until_running(stub, task.id)
+        os.killpg(worker.pid, signal.SIGKILL)
+    finally:
+        stop_process_group(worker)
+    # Nobody confirms the cancel; the lapsed lease ends the task anyway.
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    answer = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=mode))).task
+    if answer.state != pb.TASK_STATE_CANCELLED:  # a graceful Cancel does not wait
+        answer = await finished(stub, task.id)
+    assert answer.state == pb.TASK_STATE_CANCELLED
+    assert loop.time() - began < settings.lease + settings.sweep_interval + 2
+    await free_within(stub, key, 0)
+
+
 async def test_a_long_task_on_a_live_worker_is_never_declared_lost(
     stub: pb_grpc.TaskServiceStub, settings: Settings, key: str
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import grpc
+import kombu.exceptions
 import pytest
+import redis.exceptions
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
@@ -107,13 +109,58 @@ def test_errors_map_to_codes_with_error_info(error: Exception, code: grpc.Status
         assert "bug" not in status.details  # internals stay in the server log
 
 
-def test_redis_errors_are_unavailable() -> None:
-    import redis.exceptions
+@pytest.mark.parametrize(
+    ("error", "code", "reason"),
+    [
+        (redis.exceptions.ConnectionError("down"), "UNAVAILABLE", "REDIS_UNAVAILABLE"),
+        (redis.exceptions.TimeoutError("slow"), "UNAVAILABLE", "REDIS_UNAVAILABLE"),
+        (redis.exceptions.BusyLoadingError("loading"), "UNAVAILABLE", "REDIS_BUSY"),
+        (redis.exceptions.TryAgainError("again"), "UNAVAILABLE", "REDIS_BUSY"),
+        (redis.exceptions.ReadOnlyError("replica"), "UNAVAILABLE", "REDIS_READ_ONLY"),
+        (
+            redis.exceptions.ResponseError("Error running script: @user_script:1: -READONLY x"),
+            "UNAVAILABLE",
+            "REDIS_READ_ONLY",
+        ),
+        (redis.exceptions.OutOfMemoryError("oom"), "RESOURCE_EXHAUSTED", "REDIS_OUT_OF_MEMORY"),
+        (
+            redis.exceptions.MaxConnectionsError("Too many"),
+            "RESOURCE_EXHAUSTED",
+            "REDIS_POOL_EXHAUSTED",
+        ),
+        (
+            redis.exceptions.NoPermissionError("noperm"),
+            "FAILED_PRECONDITION",
+            "REDIS_MISCONFIGURED",
+        ),
+        (
+            redis.exceptions.AuthenticationError("auth"),
+            "FAILED_PRECONDITION",
+            "REDIS_MISCONFIGURED",
+        ),
+        (redis.exceptions.ResponseError("WRONGTYPE x"), "INTERNAL", "INTERNAL"),  # a bug of ours
+    ],
+)
+def test_redis_errors_map_by_kind(error: Exception, code: str, reason: str) -> None:
+    status = errors.to_status(error)
+    assert status.code.name == code
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"]).details[
+        0
+    ].Unpack(info)
+    assert info.reason == reason
 
-    assert (
-        errors.to_status(redis.exceptions.ConnectionError("down")).code
-        == grpc.StatusCode.UNAVAILABLE
-    )
-    assert (
-        errors.to_status(redis.exceptions.TimeoutError("slow")).code == grpc.StatusCode.UNAVAILABLE
-    )
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (kombu.exceptions.OperationalError("refused"), "BROKER_UNAVAILABLE"),
+        (redis.exceptions.ConnectionError("down"), "BROKER_UNAVAILABLE"),
+        (OSError("unreachable"), "BROKER_UNAVAILABLE"),
+        (redis.exceptions.AuthenticationError("auth"), "BROKER_MISCONFIGURED"),
+    ],
+)
+def test_broker_errors_map_to_broker_reasons(error: Exception, reason: str) -> None:
+    mapped = errors.broker_error(error)
+    assert mapped is not None and mapped.reason == reason
+    assert errors.broker_error(KeyError("bug")) is None
