@@ -37,6 +37,7 @@ from service.errors import (
 from service.hub import EventHub, Marker
 from service.publisher import Publisher, Ticket
 from worker import record
+from worker.app import MAX_COUNTDOWN
 from worker.record import TaskRecord
 from worker.registry import EXCLUSIVITY_KEY_PATTERN, TaskRegistry, TaskType
 from worker.scripts import Call, Scripts, transient
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_COUNTDOWN = 3600.0
 QUEUE_PATTERN = EXCLUSIVITY_KEY_PATTERN
 SIGNALS = {"TERMINATE": "SIGTERM", "KILL": "SIGKILL"}
 

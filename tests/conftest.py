@@ -8,6 +8,7 @@ worker subprocess and this process agree on Redis, key prefix and tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -141,6 +142,17 @@ def start_server_process(
         )
     wait_for_log(log, "taskservice listening", process, timeout=60)
     return process, port
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[pb_grpc.TaskServiceStub]:
+    """A server of this process for `settings`, and a stub on a channel to it."""
+    running = await create_server(settings, port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield pb_grpc.TaskServiceStub(channel)
+    finally:
+        await running.stop(0)
 
 
 @pytest.fixture(scope="session")

@@ -254,7 +254,7 @@ def _on_failure(
     fields = {
         "error_type": type(exception).__name__,
         "error_message": str(exception),
-        "traceback": str(getattr(einfo, "traceback", "") or ""),
+        "traceback": _traceback(einfo),
     }
     state = record.LOST if isinstance(exception, WorkerLostError) else record.FAILURE
     reporter.finish(task_id, state, fields)
@@ -279,12 +279,12 @@ def _on_internal_error(
     # recorded, and this changes nothing.
     reporter = _reporter(sender.app)
     if task_id and exception is not None and reporter is not None:
-        reporter.fail(
-            task_id,
-            type(exception).__name__,
-            f"Celery failed around the task: {exception}",
-            str(getattr(einfo, "traceback", "") or ""),
-        )
+        message = f"Celery failed around the task: {exception}"
+        reporter.fail(task_id, type(exception).__name__, message, _traceback(einfo))
+
+
+def _traceback(einfo: Any) -> str:
+    return str(getattr(einfo, "traceback", "") or "")
 
 
 def _on_unknown(sender: Any, name: str = "", id: str = "", **_: Any) -> None:

@@ -21,7 +21,7 @@ from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port, stop_process_group
 from service.server import Server, create_server
-from tests.conftest import start_worker
+from tests.conftest import serving, start_worker
 from tests.support.client import TERMINAL, error_info, finished, start_request, watch_all
 from tests.support.proxies import SlowProxy
 
@@ -92,18 +92,13 @@ async def test_broker_down_answers_unavailable_and_leaves_no_phantom_task(
     key: str,
 ) -> None:
     dead_broker = f"redis://127.0.0.1:{free_port()}/0"
-    broken = await create_server(settings.model_copy(update={"broker_url": dead_broker}), port=0)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broken.port}") as channel:
-            broken_stub = pb_grpc.TaskServiceStub(channel)
-            request = start_request("test.echo", 1, key=key)
-            request.options.queue = f"q-{key}"
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await broken_stub.Start(request)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
-    finally:
-        await broken.stop(0)
+    async with serving(settings.model_copy(update={"broker_url": dead_broker})) as broken_stub:
+        request = start_request("test.echo", 1, key=key)
+        request.options.queue = f"q-{key}"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await broken_stub.Start(request)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
     # Its record is terminal (a message that got through would be refused).
     client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
@@ -155,36 +150,29 @@ async def test_a_start_whose_caller_goes_away_still_completes_and_holds_its_key(
     worker_process: subprocess.Popen[bytes],
     key: str,
 ) -> None:
-    async with SlowProxy(redis_server.port, delay=0.2) as proxy:
-        slow_broker = f"redis://127.0.0.1:{proxy.port}/0"
-        running = await create_server(
-            settings.model_copy(update={"broker_url": slow_broker}), port=0
-        )
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                call = pb_grpc.TaskServiceStub(channel).Start(
-                    start_request("test.sleep", key=key, seconds=1)
-                )
-                await asyncio.sleep(0.1)  # claimed, publishing through the slow broker
-                call.cancel()
-            # The Start went on without its caller: the task is recorded as
-            # the key's holder, so exclusivity holds and nothing runs untracked.
-            for _ in range(100):
-                try:
-                    holder = (await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))).task
-                    break
-                except grpc.aio.AioRpcError as error:
-                    assert error.code() == grpc.StatusCode.NOT_FOUND
-                    await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("the abandoned Start never recorded its task")
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.Start(start_request("test.echo", key=key))
-            assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-            assert error_info(caught.value).metadata["task_id"] == holder.id
-            assert (await finished(stub, holder.id)).state == pb.TASK_STATE_SUCCEEDED
-        finally:
-            await running.stop(0)
+    async with (
+        SlowProxy(redis_server.port, delay=0.2) as proxy,
+        serving(settings.model_copy(update={"broker_url": proxy.url})) as slow_stub,
+    ):
+        call = slow_stub.Start(start_request("test.sleep", key=key, seconds=1))
+        await asyncio.sleep(0.1)  # claimed, publishing through the slow broker
+        call.cancel()
+        # The Start went on without its caller: the task is recorded as
+        # the key's holder, so exclusivity holds and nothing runs untracked.
+        for _ in range(100):
+            try:
+                holder = (await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))).task
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the abandoned Start never recorded its task")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Start(start_request("test.echo", key=key))
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert error_info(caught.value).metadata["task_id"] == holder.id
+        assert (await finished(stub, holder.id)).state == pb.TASK_STATE_SUCCEEDED
 
 
 async def test_a_start_answers_unavailable_before_its_deadline_and_holds_nothing(
@@ -193,33 +181,26 @@ async def test_a_start_answers_unavailable_before_its_deadline_and_holds_nothing
     redis_server: EmbeddedRedis,
     key: str,
 ) -> None:
-    async with SlowProxy(redis_server.port, delay=0.5) as proxy:
-        slow_broker = f"redis://127.0.0.1:{proxy.port}/0"
-        running = await create_server(
-            settings.model_copy(update={"broker_url": slow_broker}), port=0
-        )
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await pb_grpc.TaskServiceStub(channel).Start(
-                        start_request("test.sleep", key=key, seconds=1), timeout=0.3
-                    )
-            # Told in time that nothing started, so retrying is safe:
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))
-            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-            # ...and the message that reaches the broker late is refused.
-            await asyncio.sleep(1.5)
-            given_up = await records_under(settings, key)
-            assert [(r["state"], r["error_type"], "started" in r) for r in given_up] == [
-                ("REVOKED", "NotEnqueued", False)
-            ]
-            task = (await stub.Start(start_request("test.echo", 1, key=key))).task
-            assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
-        finally:
-            await running.stop(0)
+    async with (
+        SlowProxy(redis_server.port, delay=0.5) as proxy,
+        serving(settings.model_copy(update={"broker_url": proxy.url})) as slow_stub,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await slow_stub.Start(start_request("test.sleep", key=key, seconds=1), timeout=0.3)
+        # Told in time that nothing started, so retrying is safe:
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(caught.value).reason == "BROKER_UNAVAILABLE"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetStatus(pb.GetStatusRequest(exclusivity_key=key))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        # ...and the message that reaches the broker late is refused.
+        await asyncio.sleep(1.5)
+        given_up = await records_under(settings, key)
+        assert [(r["state"], r["error_type"], "started" in r) for r in given_up] == [
+            ("REVOKED", "NotEnqueued", False)
+        ]
+        task = (await stub.Start(start_request("test.echo", 1, key=key))).task
+        assert (await finished(stub, task.id)).state == pb.TASK_STATE_SUCCEEDED
 
 
 async def records_under(settings: Settings, key: str) -> list[dict[str, str]]:

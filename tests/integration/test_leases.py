@@ -21,8 +21,7 @@ from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.embedded import EmbeddedRedis, stop_process_group
-from service.server import create_server
-from tests.conftest import log_shows, start_server_process, start_worker
+from tests.conftest import log_shows, serving, start_server_process, start_worker
 from tests.support.client import (
     error_info,
     finished,
@@ -154,7 +153,7 @@ async def test_a_server_killed_before_publishing_frees_the_key_after_its_provisi
 ) -> None:
     async with BlackholeProxy() as broker:
         env = {
-            "TASKSERVICE_BROKER_URL": f"redis://127.0.0.1:{broker.port}/0",
+            "TASKSERVICE_BROKER_URL": broker.url,
             "TASKSERVICE_PUBLISH_TIMEOUT": "1",
         }
         doomed, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log", env)
@@ -188,7 +187,7 @@ async def test_a_server_killed_mid_publish_leaves_the_key_usable_and_never_two_r
 ) -> None:
     runs = tmp_path / "runs"
     async with SlowProxy(redis_server.port, delay=0.3) as broker:
-        env = {"TASKSERVICE_BROKER_URL": f"redis://127.0.0.1:{broker.port}/0"}
+        env = {"TASKSERVICE_BROKER_URL": broker.url}
         doomed, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log", env)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -232,29 +231,20 @@ async def test_a_broker_that_never_answers_fails_starts_in_time_and_bounds_the_b
     keys = [f"hung-{uuid.uuid4().hex[:8]}" for _ in range(6)]
     async with BlackholeProxy() as broker:
         hung = settings.model_copy(
-            update={
-                "broker_url": f"redis://127.0.0.1:{broker.port}/0",
-                "max_pending_publishes": 2,
-                "publish_timeout": 1.5,
-            }
+            update={"broker_url": broker.url, "max_pending_publishes": 2, "publish_timeout": 1.5}
         )
-        running_server = await create_server(hung, port=0)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{running_server.port}") as channel:
-                hung_stub = pb_grpc.TaskServiceStub(channel)
-                loop = asyncio.get_running_loop()
-                began = loop.time()
+        async with serving(hung) as hung_stub:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
 
-                async def attempt(key: str) -> tuple[str, str, float]:
-                    try:
-                        await hung_stub.Start(start_request("test.echo", key=key), timeout=5)
-                    except grpc.aio.AioRpcError as error:
-                        return error.code().name, error_info(error).reason, loop.time() - began
-                    return "OK", "", loop.time() - began
+            async def attempt(key: str) -> tuple[str, str, float]:
+                try:
+                    await hung_stub.Start(start_request("test.echo", key=key), timeout=5)
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name, error_info(error).reason, loop.time() - began
+                return "OK", "", loop.time() - began
 
-                outcomes = await asyncio.gather(*(attempt(k) for k in keys))
-        finally:
-            await running_server.stop(0)
+            outcomes = await asyncio.gather(*(attempt(k) for k in keys))
     # Two Starts waited for the broker and gave up within the publish
     # timeout; the others were refused at once instead of piling up.
     assert Counter((code, reason) for code, reason, _ in outcomes) == {

@@ -4,25 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Self
 
 
-class SlowProxy:
-    """A TCP proxy to Redis that delays everything sent to it (a slow broker)."""
+class _Proxy:
+    """A listener on 127.0.0.1 and a free port; subclasses say what it does."""
 
-    def __init__(self, target_port: int, delay: float) -> None:
-        self.target_port = target_port
-        self.delay = delay
+    def __init__(self) -> None:
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
 
-    async def __aenter__(self) -> SlowProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    @property
+    def url(self) -> str:
+        """A Redis URL that goes through this proxy."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        await self._handle(reader, writer)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class SlowProxy(_Proxy):
+    """Forwards to Redis, delaying everything sent to it (a slow broker)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        super().__init__()
+        self.target_port = target_port
+        self.delay = delay
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -41,27 +64,10 @@ class SlowProxy:
         await asyncio.gather(pump(reader, up_writer, self.delay), pump(up_reader, writer, 0))
 
 
-class BlackholeProxy:
+class BlackholeProxy(_Proxy):
     """Accepts connections, reads everything, never answers (a hung broker)."""
 
-    def __init__(self) -> None:
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> BlackholeProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
         with contextlib.suppress(ConnectionError):
             while await reader.read(65536):
                 pass
