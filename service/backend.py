@@ -10,6 +10,7 @@ blocking calls go through service.publisher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -180,9 +181,16 @@ class Backend:
             task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
         )
         provisional_ms = int(self._settings.provisional_lease * 1000)
-        status, detail = await self._run(
-            self._scripts.claim(fields, exclusivity_key=key, provisional_ms=provisional_ms)
-        )
+        claim = self._scripts.claim(fields, exclusivity_key=key, provisional_ms=provisional_ms)
+        try:
+            status, detail = await self._run(claim)
+        except (redis.exceptions.RedisError, OSError):
+            # The claim may have been written before the connection failed:
+            # give the key back now rather than after the provisional lease,
+            # or the caller's retry would meet its own ghost.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self._run(self._scripts.abandon(task_id, "never enqueued: Redis failed"))
+            raise
         if status == "held":
             holder = TaskRecord.from_json(detail)
             if cmd.return_existing:
@@ -198,7 +206,7 @@ class Backend:
             with self._publisher.admit() as ticket:
                 await self._publish(ticket, cmd, task_id, queue, answer_by)
         except (Exception, asyncio.CancelledError) as exc:
-            if await self._abandon(task_id, exc):
+            if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
                 raise
             return Started(accepted, already_existed=False)
         # The broker has the message: a worker may run it any moment, so this

@@ -62,11 +62,6 @@ class Publisher:
     def default_queue(self) -> str:
         return str(self._app.conf.task_default_queue)
 
-    @property
-    def pending(self) -> int:
-        """Publishes admitted and not yet finished (including ones whose Start gave up)."""
-        return self._pending
-
     @contextlib.contextmanager
     def admit(self) -> Iterator[Ticket]:
         """Reserve a place for one publish, or raise PublishBacklog. The place
@@ -117,8 +112,14 @@ class Publisher:
         )
         loop = asyncio.get_running_loop()
         release = ticket.hand_over()
+
+        def released(_: object) -> None:
+            # From the publishing thread, possibly after the server stopped.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(release)
+
         future = self._publish_pool.submit(call)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+        future.add_done_callback(released)
         await _bounded(future, wait, "the Celery broker did not take the message")
 
     async def revoke(self, task_id: str, *, signal: str | None = None) -> None:
