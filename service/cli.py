@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,9 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from service.server import serve
+    from service.server import PortInUse, serve
 
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except PortInUse as error:
+        logger.error("%s", error)
+        return 1
     return 0
 
 
@@ -78,6 +83,16 @@ def worker_command(*celery_args: str) -> list[str]:
 def _dev(concurrency: int) -> int:
     from service.embedded import EmbeddedRedis, stop_process_group
 
+    settings = Settings()
+    if not settings.reuse_port and not _can_listen(settings.host, settings.port):
+        # Before starting anything: two dev runs must not share one port.
+        logger.error(
+            "cannot listen on %s:%d: the port is taken (another taskservice?); "
+            "set TASKSERVICE_PORT to another port",
+            settings.host,
+            settings.port,
+        )
+        return 1
     run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
     redis_server = EmbeddedRedis().start()
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
@@ -98,17 +113,27 @@ def _dev(concurrency: int) -> int:
         )
     logger.info("worker: pid %d (log %s)", worker.pid, worker_log)
     os.environ.update(TASKSERVICE_REDIS_URL=redis_server.url)
-    settings = Settings(redis_url=redis_server.url, broker_url=None, result_backend=None)
+    settings = settings.model_copy(
+        update={"redis_url": redis_server.url, "broker_url": None, "result_backend": None}
+    )
     try:
-        from service.server import serve
-
         logger.info("grpc: %s:%d (Ctrl-C stops everything)", settings.host, settings.port)
-        asyncio.run(serve(settings))
+        return _serve(settings)
     finally:
         stop_process_group(worker)
         redis_server.stop()
         logger.info("stopped redis and worker; logs were in %s", run_dir)
-    return 0
+
+
+def _can_listen(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # Like a server's own socket: a port left in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":

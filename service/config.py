@@ -65,6 +65,24 @@ class Settings(BaseSettings):
     unreachable (a restart, a failover) before giving up on it; a running task
     whose changes were lost ends LOST through its lease."""
 
+    reuse_port: bool = False
+    """Let several servers listen on one port (SO_REUSEPORT), e.g. one per
+    core. Off, a taken port stops `serve` with a clear message instead of
+    silently sharing it with an unrelated server."""
+
+    keepalive_time: float = Field(default=30.0, gt=0)
+    """Seconds of silence after which the server pings a client connection."""
+
+    keepalive_timeout: float = Field(default=10.0, gt=0)
+    """Seconds the server waits for a ping's answer before dropping the
+    connection (and its streams)."""
+
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    """Largest request message accepted (RESOURCE_EXHAUSTED above it)."""
+
+    max_response_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    """Largest response message sent; results are capped well below it."""
+
     max_pending_calls: int = Field(default=20_000, gt=0)
     """Calls that may wait to be picked up by the server before gRPC starts
     dropping some (CANCELLED); gRPC's own default of 1,000 turns a burst of

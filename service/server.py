@@ -20,6 +20,7 @@ from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.backend import Backend
 from service.config import Settings
 from service.hub import EventHub
+from service.interceptors import Decoding, Gate
 from service.publisher import Publisher
 from service.reflection import add_reflection
 from service.servicer import TaskServiceServicer
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 
 
+class PortInUse(Exception):
+    """The gRPC address is taken (and port sharing was not asked for)."""
+
+
 @dataclass
 class Server:
     """A running server; `stop` drains it and releases everything."""
@@ -38,16 +43,25 @@ class Server:
     port: int
     backend: Backend
     health: health.aio.HealthServicer
+    gate: Gate
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain: health turns NOT_SERVING, new calls answer UNAVAILABLE,
+        watch streams end with UNAVAILABLE/SHUTTING_DOWN, calls already
+        admitted get `grace` seconds to finish; then close everything."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (grace or 0)
         for task in self._tasks:
             task.cancel()
-        # Tell health watchers first, so load balancers stop sending calls
-        # while in-flight ones finish.
+        # Tell health watchers first, so load balancers stop sending calls.
         await self.health.enter_graceful_shutdown()
+        self.gate.drain()
         await self.backend.hub.close()
-        await self.server.stop(grace)
+        # gRPC's own stop cancels calls it has received but not yet handed
+        # to a handler; refusing them ourselves first leaves it none.
+        await self.gate.drained(max(0.0, until - loop.time()))
+        await self.server.stop(max(0.0, until - loop.time()))
         await self.backend.close()
 
     async def wait(self) -> None:
@@ -94,21 +108,25 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     publisher = Publisher(create_publisher(settings), settings)
     backend = Backend(settings, registry, publisher, client, hub)
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.server.max_pending_requests", settings.max_pending_calls),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
-        ]
-    )
+    gate = Gate()
+    server = grpc.aio.server(interceptors=[Decoding(), gate], options=server_options(settings))
     pb_grpc.add_TaskServiceServicer_to_server(TaskServiceServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_reflection(
         server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     )
-    bound = server.add_insecure_port(f"{settings.host}:{settings.port if port is None else port}")
+    address = f"{settings.host}:{settings.port if port is None else port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        await backend.close()
+        raise PortInUse(
+            f"cannot listen on {address}: the port is taken (another taskservice?). Pick "
+            "another TASKSERVICE_PORT, or set TASKSERVICE_REUSE_PORT=true to share it on purpose"
+        ) from None
     await server.start()
-    running = Server(server=server, port=bound, backend=backend, health=health_servicer)
+    running = Server(server=server, port=bound, backend=backend, health=health_servicer, gate=gate)
     await _report_health(backend, health_servicer)
     running._tasks += [
         asyncio.create_task(_health_loop(backend, health_servicer, settings.health_interval)),
@@ -116,6 +134,25 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC server options for real traffic (see the settings' docstrings)."""
+    return [
+        ("grpc.so_reuseport", int(settings.reuse_port)),
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", settings.max_response_bytes),
+        # Ping idle connections, and drop those that stop answering: a
+        # half-open watch stream is noticed instead of held forever.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients ping too (every 10 s at most) without being sent away.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
 
 
 def events_client_name(settings: Settings) -> str:

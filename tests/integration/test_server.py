@@ -1,0 +1,117 @@
+"""The server under real traffic: bursts, shutdown, taken ports, undecodable requests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service._proto.taskservice.v1 import task_service_pb2 as pb
+from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.embedded import stop_process_group
+from service.server import Server
+from tests.conftest import ROOT, start_server_process
+from tests.support.client import error_info, start_request
+
+METHODS = ("Start", "GetStatus", "Cancel", "WatchStatus", "ListTaskTypes")
+
+
+async def test_starts_in_flight_at_sigterm_answer_ok_or_retry_never_cancelled(
+    tmp_path: Path,
+) -> None:
+    process, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TaskServiceStub(channel)
+            await stub.ListTaskTypes(pb.ListTaskTypesRequest())  # connected
+
+            async def attempt(n: int) -> str:
+                try:
+                    request = start_request("test.echo", n, key=f"sigterm-{uuid.uuid4().hex}")
+                    await stub.Start(request, timeout=10)
+                except grpc.aio.AioRpcError as error:
+                    return error.code().name
+                return "OK"
+
+            calls = [asyncio.create_task(attempt(n)) for n in range(500)]
+            await asyncio.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            codes = Counter(await asyncio.gather(*calls))
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        stop_process_group(process)
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert codes["UNAVAILABLE"] > 0  # the burst did meet the shutdown
+
+
+def test_serve_on_a_taken_port_exits_at_once_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in ("serve", "dev"):
+            done = subprocess.run(
+                [sys.executable, "-m", "service", command],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "TASKSERVICE_PORT": str(port)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            assert f"cannot listen on 127.0.0.1:{port}: the port is taken" in done.stderr
+            assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "payload", "reason"),
+    [
+        *((method, b"\xff\xff\xff", "not a valid protobuf message") for method in METHODS),
+        # Field 1 is a string in every request but ListTaskTypes' (empty).
+        *((method, b"\x0a\x02\xff\xfe", "not valid UTF-8") for method in METHODS[:-1]),
+    ],
+)
+async def test_a_request_that_does_not_decode_is_invalid_argument(
+    server: Server, method: str, payload: bytes, reason: str
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        path = f"/taskservice.v1.TaskService/{method}"
+        if method == "WatchStatus":
+            call = channel.unary_stream(path)(payload)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call.read()
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary(path)(payload)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert reason in (caught.value.details() or "")
+    assert error_info(caught.value).reason == "INVALID_ARGUMENT"
+
+
+async def test_json_nested_too_deep_is_invalid_argument_saying_so(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    deep: object = None
+    for _ in range(40):
+        deep = {"a": deep}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Start(start_request("test.echo", deep))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nested too deeply" in (caught.value.details() or "")
+
+
+async def test_a_request_over_the_size_limit_is_resource_exhausted(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Start(start_request("test.echo", "x" * (5 * 1024 * 1024)))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
