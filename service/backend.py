@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -34,13 +35,14 @@ from service.errors import (
     TaskFinished,
     TaskNotFound,
     TaskTypeNotFound,
+    cut,
 )
 from service.hub import EventHub, Marker
 from service.publisher import Publisher, Ticket
 from worker import record
 from worker.app import MAX_COUNTDOWN
 from worker.record import TaskRecord
-from worker.registry import EXCLUSIVITY_KEY_PATTERN, TaskRegistry, TaskType
+from worker.registry import EXCLUSIVITY_KEY_PATTERN, ArgumentsInvalid, TaskRegistry, TaskType
 from worker.scripts import Call, Scripts, transient
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 QUEUE_PATTERN = EXCLUSIVITY_KEY_PATTERN
+KOMBU_KEYS = ("unacked", "_kombu")
+"""kombu's own Redis keys: never a queue, whatever TASKSERVICE_QUEUES says."""
 SIGNALS = {"TERMINATE": "SIGTERM", "KILL": "SIGKILL"}
 
 
@@ -161,7 +165,7 @@ class Backend:
     # -- Start ---------------------------------------------------------------
 
     async def start(self, cmd: StartCommand) -> Started:
-        task_type = self._check_start(cmd)
+        task_type, cmd = self._check_start(cmd)
         answer_by = None
         if cmd.time_remaining is not None:
             answer_by = asyncio.get_running_loop().time() + cmd.time_remaining
@@ -257,7 +261,9 @@ class Backend:
             return False
         return True
 
-    def _check_start(self, cmd: StartCommand) -> TaskType:
+    def _check_start(self, cmd: StartCommand) -> tuple[TaskType, StartCommand]:
+        """The task type, and the command with its arguments converted to the
+        task's annotations; InvalidArgument (naming the field) if anything is off."""
         if not cmd.task_name:
             raise InvalidArgument("task_name is required")
         task_type = self._registry.get(cmd.task_name)
@@ -273,17 +279,16 @@ class Backend:
                 f"{self._settings.max_args_bytes}"
             )
         try:
-            task_type.bind(cmd.args, cmd.kwargs)
-        except TypeError as exc:
+            args, kwargs = task_type.check(cmd.args, cmd.kwargs)
+        except ArgumentsInvalid as error:
             raise InvalidArgument(
-                f"arguments do not fit {task_type.name}{task_type.signature}: {exc}"
+                f"arguments do not fit {task_type.name}{cut(str(task_type.signature))}: {error}",
+                violations=error.violations,
             ) from None
         if cmd.exclusivity_key:
             check_exclusivity_key(cmd.exclusivity_key)
-        if cmd.queue and not QUEUE_PATTERN.fullmatch(cmd.queue):
-            raise InvalidArgument(
-                f"queue {cmd.queue[:80]!r} must be 1-128 characters of [A-Za-z0-9._:@/-]"
-            )
+        if cmd.queue:
+            self._check_queue(cmd.queue)
         if cmd.countdown is not None and not 0 <= cmd.countdown <= MAX_COUNTDOWN:
             raise InvalidArgument(
                 f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s"
@@ -300,7 +305,24 @@ class Backend:
             and cmd.soft_time_limit >= cmd.time_limit
         ):
             raise InvalidArgument("soft_time_limit must be below time_limit")
-        return task_type
+        return task_type, dataclasses.replace(cmd, args=args, kwargs=kwargs)
+
+    def _check_queue(self, queue: str) -> None:
+        if queue == self._publisher.default_queue:
+            return
+        declared = self._settings.queue_names
+        allowed = QUEUE_PATTERN.fullmatch(queue) and not queue.startswith(KOMBU_KEYS)
+        if allowed and any(
+            queue == name or (name.endswith("*") and queue.startswith(name[:-1]))
+            for name in declared
+        ):
+            return
+        raise InvalidArgument(
+            f"queue {cut(queue, 80)!r} is not one this deployment declares "
+            f"(TASKSERVICE_QUEUES: {', '.join(declared) or 'none'}; the default queue "
+            f"{self._publisher.default_queue!r} is always allowed)",
+            violations=[("options.queue", "not a declared queue")],
+        )
 
     # -- GetStatus -----------------------------------------------------------
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     """Comma-separated modules whose `expose`d tasks may be started. Only
     these tasks are reachable over gRPC."""
 
+    queues: str = ""
+    """Comma-separated queues a Start may name besides the default one
+    ("celery"); an entry ending in `*` allows every queue starting with it.
+    Workers should consume them (`taskservice worker -Q ...`)."""
+
     host: str = "127.0.0.1"
     """Address the gRPC server listens on (`0.0.0.0` for all interfaces)."""
 
@@ -96,6 +101,11 @@ class Settings(BaseSettings):
     """Seconds a TERMINATE/KILL Cancel waits for the worker to confirm before
     answering with the task as it then is."""
 
+    max_result_bytes: int = Field(default=1024 * 1024, gt=0)
+    """Largest result (as JSON) a task may return; larger ends FAILED with
+    ResultTooLarge, so every client can still read the task. Set it on the
+    workers."""
+
     max_args_bytes: int = Field(default=256 * 1024, gt=0)
     """Largest accepted size of a Start's args plus kwargs, in bytes."""
 
@@ -130,6 +140,10 @@ class Settings(BaseSettings):
     @property
     def effective_result_backend(self) -> str:
         return self.result_backend or self.redis_url
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(q.strip() for q in self.queues.split(",") if q.strip())
 
     @property
     def task_modules(self) -> tuple[str, ...]:

@@ -53,10 +53,14 @@ class TaskServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
 
-    def __init__(self, message: str, **metadata: str) -> None:
+    def __init__(
+        self, message: str, *, violations: list[tuple[str, str]] | None = None, **metadata: str
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.metadata = metadata
+        self.violations = violations or []
+        """(field, description) pairs, sent as a google.rpc.BadRequest."""
 
 
 class InvalidArgument(TaskServiceError):
@@ -276,12 +280,25 @@ def translate(exc: BaseException) -> TaskServiceError:
 
 
 def to_status(exc: BaseException) -> grpc.Status:
-    """The gRPC status (with ErrorInfo) a caller receives for `exc`."""
+    """The gRPC status (with ErrorInfo, and BadRequest for field violations)
+    a caller receives for `exc`. Texts are cut, so no input a caller sent can
+    swell the trailers past gRPC's metadata limit."""
     error = translate(exc)
-    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-    status = status_pb2.Status(code=_CODES[error.code], message=error.message)
+    metadata = {key: cut(value, 200) for key, value in error.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
+    status = status_pb2.Status(code=_CODES[error.code], message=cut(error.message, 1000))
     status.details.add().Pack(info)
+    if error.violations:
+        bad = error_details_pb2.BadRequest()
+        for field, description in error.violations[:20]:
+            bad.field_violations.add(field=cut(field, 200), description=cut(description, 300))
+        status.details.add().Pack(bad)
     return rpc_status.to_status(status)
+
+
+def cut(text: str, limit: int = 300) -> str:
+    """`text`, cut to `limit` characters: never echo unbounded input."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _advice(cls: type[TaskServiceError]) -> str:
@@ -292,8 +309,7 @@ def _advice(cls: type[TaskServiceError]) -> str:
 
 def _short(exc: BaseException) -> str:
     # Foreign messages may echo keys or arguments: keep trailers small.
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
+    return cut(str(exc) or type(exc).__name__, 200)
 
 
 _CODES: dict[grpc.StatusCode, int] = {

@@ -16,8 +16,8 @@ from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.backend import Backend, StartCommand
 from service.states import CANCEL_MODES, RECORDED_CANCEL_MODES, task_state
-from worker.record import TaskRecord
-from worker.registry import TaskType
+from worker.record import TaskRecord, unrepresentable
+from worker.registry import TaskType, annotation_text
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -83,8 +83,11 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         started = await self._backend.start(
             StartCommand(
                 task_name=request.task_name,
-                args=[_from_value(v) for v in request.args.values],
-                kwargs={k: _from_value(v) for k, v in request.kwargs.fields.items()},
+                args=[_from_value(v, f"args[{i}]") for i, v in enumerate(request.args.values)],
+                kwargs={
+                    k: _from_value(v, f"kwargs.{errors.cut(k, 60)}")
+                    for k, v in request.kwargs.fields.items()
+                },
                 args_size=request.args.ByteSize() + request.kwargs.ByteSize(),
                 exclusivity_key=request.exclusivity_key,
                 return_existing=request.conflict_policy == pb.CONFLICT_POLICY_RETURN_EXISTING,
@@ -162,7 +165,17 @@ def task_message(rec: TaskRecord) -> pb.Task:
         if when is not None:
             _set_time(field, when)
     if rec.has_result:
-        task.result.CopyFrom(_to_value(rec.result))
+        # A current worker refuses results no client could decode; one
+        # stored otherwise is reported, rather than failing every read.
+        problem = unrepresentable(rec.result)
+        if not problem:
+            try:
+                task.result.CopyFrom(_to_value(rec.result))
+            except (json_format.ParseError, ValueError, TypeError, OverflowError) as error:
+                problem = str(error)[:200]
+        if problem:
+            task.error.type = "ResultNotRepresentable"
+            task.error.message = f"the stored result cannot be sent: {problem}"
     elif rec.error is not None:
         task.error.type = rec.error.type
         task.error.message = rec.error.message
@@ -186,7 +199,7 @@ def task_type_message(task_type: TaskType) -> pb.TaskType:
             kind=_PARAMETER_KINDS[param.kind],
             required=param.default is inspect.Parameter.empty
             and param.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD),
-            annotation=_annotation(param.annotation),
+            annotation=annotation_text(param.annotation),
         )
         if param.default is not inspect.Parameter.empty:
             try:
@@ -194,14 +207,6 @@ def task_type_message(task_type: TaskType) -> pb.TaskType:
             except (TypeError, ValueError, json_format.ParseError):
                 entry.ClearField("default_value")  # not expressible in JSON
     return message
-
-
-def _annotation(annotation: Any) -> str:
-    if annotation is inspect.Parameter.empty:
-        return ""
-    if isinstance(annotation, str):
-        return annotation
-    return getattr(annotation, "__name__", None) or repr(annotation)
 
 
 def _set_time(field: timestamp_pb2.Timestamp, epoch: float) -> None:
@@ -219,26 +224,35 @@ def _seconds(options: pb.StartOptions, name: str) -> float | None:
     return float(duration.seconds) + duration.nanos / 1e9
 
 
-def _from_value(value: struct_pb2.Value) -> Any:
+def _from_value(value: struct_pb2.Value, where: str) -> Any:
     """A Value as plain Python; whole numbers become int (JSON has one number
-    type, but Python task code tells 3 from 3.0)."""
+    type, but Python task code tells 3 from 3.0). `where` names it in errors."""
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         number = value.number_value
         if number.is_integer() and abs(number) <= _MAX_EXACT_INT:
             return int(number)
         if not math.isfinite(number):
-            raise errors.InvalidArgument("numbers must be finite (JSON has no NaN or Infinity)")
+            raise _invalid(where, "numbers must be finite (JSON has no NaN or Infinity)")
         return number
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
-        return {k: _from_value(v) for k, v in value.struct_value.fields.items()}
+        fields = value.struct_value.fields
+        return {k: _from_value(v, f"{where}.{errors.cut(k, 60)}") for k, v in fields.items()}
     if kind == "list_value":
-        return [_from_value(v) for v in value.list_value.values]
-    return None  # null_value, or a Value with nothing set
+        return [_from_value(v, f"{where}[{i}]") for i, v in enumerate(value.list_value.values)]
+    if kind == "null_value":
+        return None
+    # A Value with nothing set: protobufjs, for one, drops a snake_case
+    # `string_value` it does not know; taking it as null would hide that.
+    raise _invalid(where, "a google.protobuf.Value with no kind set (use null_value for null)")
+
+
+def _invalid(where: str, why: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(f"{where}: {why}", violations=[(where, why)])
 
 
 def _to_value(data: Any) -> struct_pb2.Value:

@@ -29,6 +29,8 @@ os.environ.update(
     TASKSERVICE_KEY_PREFIX=f"ts-test-{uuid.uuid4().hex[:8]}",
     TASKSERVICE_TASKS="worker.tasks,tests.support.tasks",
     TASKSERVICE_CANCEL_WAIT="5",
+    # The queues tests send tasks to, besides the default one.
+    TASKSERVICE_QUEUES="nobody-listens,parked-*,doomed-*,again-*,q-*",
     # Short leases, so that faults resolve within seconds (defaults: 30/10/1).
     TASKSERVICE_LEASE="3",
     TASKSERVICE_HEARTBEAT_INTERVAL="0.5",

@@ -52,8 +52,49 @@ TERMINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED, LOST})
 CANCEL_MODES = ("GRACEFUL", "TERMINATE", "KILL")
 """Cancel modes, weakest first: a later Cancel may escalate, never soften."""
 
+MAX_JSON_DEPTH = 30
+"""Deepest nesting of a result's JSON: deeper, protobuf clients (recursion
+limit 100 messages, three per JSON object level) could not decode it."""
+
+MAX_MESSAGE_CHARS = 16 * 1024
+"""Longest error or progress message kept (the start of it)."""
+
+MAX_TRACEBACK_CHARS = 64 * 1024
+"""Longest traceback kept (the end of it, where the error is)."""
+
 WORKER_LOST_ERROR = "WorkerLostError"
 NOT_ENQUEUED_ERROR = "NotEnqueued"
+
+
+def clip(text: str, limit: int) -> str:
+    """The start of `text`, at most `limit` characters."""
+    return text if len(text) <= limit else text[:limit] + "... (cut)"
+
+
+def clip_end(text: str, limit: int) -> str:
+    """The end of `text`, at most `limit` characters."""
+    return text if len(text) <= limit else "(cut) ..." + text[-limit:]
+
+
+def unrepresentable(value: Any, depth: int = 1) -> str:
+    """Why a decoded JSON value cannot be a google.protobuf.Value that every
+    client can decode; "" if it can."""
+    if depth > MAX_JSON_DEPTH:
+        return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return ""
+    if isinstance(value, int | float):
+        try:
+            float(value)
+        except OverflowError:
+            return "it holds an integer beyond the range of a double"
+        return ""
+    items = value.values() if isinstance(value, dict) else value
+    for item in items:
+        problem = unrepresentable(item, depth + 1)
+        if problem:
+            return problem
+    return ""
 
 
 def task_key(prefix: str, task_id: str) -> str:
@@ -124,6 +165,14 @@ class TaskRecord:
             return float(value) if value else None
 
         error = None
+        has_result, result = "result" in fields, None
+        if has_result:
+            try:
+                result = json.loads(fields["result"])
+            except (ValueError, RecursionError):
+                # Not written by a current worker; still readable, never INTERNAL.
+                has_result = False
+                error = ErrorInfo("ResultNotRepresentable", "the stored result is not JSON", "")
         if "error_type" in fields:
             error = ErrorInfo(
                 type=fields["error_type"],
@@ -150,8 +199,8 @@ class TaskRecord:
             finished=number("finished"),
             scheduled=number("scheduled"),
             worker=fields.get("worker", ""),
-            has_result="result" in fields,
-            result=json.loads(fields["result"]) if "result" in fields else None,
+            has_result=has_result,
+            result=result,
             error=error,
             progress=progress,
             cancel=fields.get("cancel", ""),

@@ -9,15 +9,26 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import typing
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from celery import Task
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 EXCLUSIVITY_KEY_PATTERN = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 T = TypeVar("T", bound=Task)  # type: ignore[type-arg]
+
+
+class ArgumentsInvalid(ValueError):
+    """Arguments that do not fit a task type; `violations` are (field, why)
+    pairs, fields named like `args[0]` or `kwargs.seconds`."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {why}" for field, why in violations))
+        self.violations = violations
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +41,85 @@ class TaskType:
     signature: inspect.Signature
     description: str
     default_exclusivity_key: str
+    validators: Mapping[str, TypeAdapter[Any]] = field(default_factory=dict)
+    """Per annotated parameter, what checks (and converts) its JSON value."""
 
-    def bind(self, args: Iterable[Any], kwargs: Mapping[str, Any]) -> None:
-        """Raise TypeError, naming the problem, if the arguments do not fit."""
-        self.signature.bind(*args, **kwargs)
+    def check(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """The arguments as the task should receive them, converted to its
+        annotations (`"10"` for a float becomes 10.0); ArgumentsInvalid naming
+        each parameter that does not fit."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise ArgumentsInvalid([("args", _cut(str(error)))]) from None
+        violations: list[tuple[str, str]] = []
+        checked_args: list[Any] = []
+        checked_kwargs: dict[str, Any] = {}
+        position = 0
+        for name, value in bound.arguments.items():
+            kind = self.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                for item in value:
+                    checked_args.append(self._convert(name, item, f"args[{position}]", violations))
+                    position += 1
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                for key, item in value.items():
+                    where = f"kwargs.{_cut(key, 60)}"
+                    checked_kwargs[key] = self._convert(name, item, where, violations)
+            elif name in kwargs:
+                where = f"kwargs.{name}"
+                checked_kwargs[name] = self._convert(name, value, where, violations)
+            else:
+                checked_args.append(self._convert(name, value, f"args[{position}]", violations))
+                position += 1
+        if violations:
+            raise ArgumentsInvalid(violations)
+        return checked_args, checked_kwargs
+
+    def _convert(self, name: str, value: Any, where: str, violations: list[tuple[str, str]]) -> Any:
+        validator = self.validators.get(name)
+        if validator is None:
+            return value
+        try:
+            return validator.dump_python(validator.validate_python(value), mode="json")
+        except ValidationError as error:
+            detail = error.errors()[0]
+            inside = "".join(f"[{p!r}]" for p in detail["loc"])
+            annotation = annotation_text(self.signature.parameters[name].annotation)
+            violations.append((where + inside, f"{detail['msg']} (annotation: {annotation})"))
+            return value
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    """Never echo unbounded input back in an error."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def annotation_text(annotation: Any) -> str:
+    """An annotation as written in the source, e.g. "float"; "" if none."""
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if isinstance(annotation, str):
+        return annotation
+    return getattr(annotation, "__name__", None) or repr(annotation)
+
+
+def _validators(function: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:
+    """A pydantic validator per parameter whose annotation pydantic can check
+    (a class it cannot, or a name it cannot resolve, is taken as it comes)."""
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:
+        hints = {}
+    validators: dict[str, Any] = {}
+    for name in signature.parameters:
+        if name not in hints:
+            continue
+        try:
+            validators[name] = TypeAdapter(hints[name])
+        except PydanticSchemaGenerationError:
+            continue
+    return validators
 
 
 class TaskRegistry:
@@ -67,6 +153,7 @@ class TaskRegistry:
                 signature=signature,
                 description=inspect.cleandoc(task.run.__doc__ or ""),
                 default_exclusivity_key=exclusivity_key,
+                validators=_validators(task.run, signature),
             )
             return task
 

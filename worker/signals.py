@@ -20,6 +20,7 @@ Redis restart or failover does not lose it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -51,6 +52,7 @@ class Reporter:
     def __init__(self, settings: Settings) -> None:
         self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
         self.lease_ms = int(settings.lease * 1000)
+        self.max_result_bytes = settings.max_result_bytes
         self._retry_for = settings.worker_write_retry
         self._client = redis.Redis.from_url(
             settings.redis_url,
@@ -112,19 +114,42 @@ class Reporter:
             logger.debug("task %s already ended; %s not recorded", task_id, new_state)
 
     def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> None:
+        # Bounded, like results: every change is published whole to every server.
         self.finish(
             task_id,
             record.FAILURE,
-            {"error_type": error_type, "error_message": message, "traceback": trace},
+            {
+                "error_type": record.clip(error_type, 200),
+                "error_message": record.clip(message, record.MAX_MESSAGE_CHARS),
+                "traceback": record.clip_end(trace, record.MAX_TRACEBACK_CHARS),
+            },
         )
 
     def succeed(self, task_id: str, result: Any) -> None:
+        """Record the result, or fail the task if no client could read it:
+        whether or not Celery stores results (ignore_result), the record is
+        what every caller reads."""
         try:
-            encoded = json_dumps(result)
+            encoded = json_dumps(result, allow_nan=False)
         except (TypeError, ValueError, kombu.exceptions.EncodeError) as exc:
-            # Whether or not Celery stores results (ignore_result), a value
-            # JSON cannot carry fails the task: callers could not read it.
-            self.fail(task_id, "EncodeError", str(exc), traceback.format_exc())
+            if "Out of range float values" in str(exc):
+                why = "it holds NaN or Infinity, which JSON and protobuf's Value cannot carry"
+                self.fail(task_id, "ResultNotRepresentable", why)
+            else:
+                self.fail(task_id, "EncodeError", str(exc), traceback.format_exc())
+            return
+        if len(encoded) > self.max_result_bytes:
+            self.fail(
+                task_id,
+                "ResultTooLarge",
+                f"the result takes {len(encoded)} bytes as JSON; the limit is "
+                f"{self.max_result_bytes} (TASKSERVICE_MAX_RESULT_BYTES): store large "
+                "results elsewhere and return a reference",
+            )
+            return
+        problem = record.unrepresentable(json.loads(encoded))
+        if problem:
+            self.fail(task_id, "ResultNotRepresentable", problem)
             return
         self.finish(task_id, record.SUCCESS, {"result": encoded})
 
@@ -214,7 +239,7 @@ class TrackedTask(Task):  # type: ignore[type-arg]
             progress = {
                 "current": float(meta.get("current", 0)),
                 "total": float(meta.get("total", 0)),
-                "message": str(meta.get("message", "")),
+                "message": record.clip(str(meta.get("message", "")), record.MAX_MESSAGE_CHARS),
             }
             reporter.transition(task_id, {record.STARTED}, "", {"progress": json_dumps(progress)})
 

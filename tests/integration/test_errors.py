@@ -6,13 +6,15 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from tests.support.client import error_info, start_request
+from tests.support.client import error_info, finished, start_request, value
 
 UNKNOWN_ID = "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c"
 
@@ -92,11 +94,11 @@ async def test_too_large_args_are_invalid(stub: pb_grpc.TaskServiceStub) -> None
 
 def with_options(**options: Any) -> pb.StartRequest:
     request = start_request("test.echo", 1)
-    for name, value in options.items():
-        if isinstance(value, duration_pb2.Duration):
-            getattr(request.options, name).CopyFrom(value)
+    for name, option in options.items():
+        if isinstance(option, duration_pb2.Duration):
+            getattr(request.options, name).CopyFrom(option)
         else:
-            setattr(request.options, name, value)
+            setattr(request.options, name, option)
     return request
 
 
@@ -236,3 +238,62 @@ async def test_no_lookup_gets_internal(
                 error.code(),
                 error.details(),
             )
+
+
+def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations of a failed call."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    found: dict[str, str] = {}
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            found.update((v.field, v.description) for v in bad.field_violations)
+    return found
+
+
+async def test_arguments_are_checked_against_annotations_naming_the_parameter(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.Start(start_request("test.typed", count=1, ratio="ten", tags=["a", 2])),
+        "kwargs.ratio",
+    )
+    found = violations(error)
+    assert set(found) == {"kwargs.ratio", "kwargs.tags[1]"}
+    assert "float" in found["kwargs.ratio"]
+    error = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.Start(start_request("test.sleep", "long"))
+    )
+    assert set(violations(error)) == {"args[0]"}
+
+
+async def test_arguments_arrive_converted_to_their_annotations(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    task = (await stub.Start(start_request("test.typed", "3", ratio=2))).task
+    done = await finished(stub, task.id)
+    assert done.result == value({"count": [3, "int"], "ratio": [2.0, "float"], "tags": None})
+
+
+async def test_an_empty_value_is_invalid_naming_the_field(stub: pb_grpc.TaskServiceStub) -> None:
+    request = start_request("test.echo")
+    request.kwargs.fields["value"].struct_value.fields["name"].CopyFrom(struct_pb2.Value())
+    error = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request), "no kind set")
+    assert set(violations(error)) == {"kwargs.value.name"}
+
+
+async def test_a_huge_argument_name_is_not_echoed_back(stub: pb_grpc.TaskServiceStub) -> None:
+    request = start_request("test.sleep", seconds=0)
+    request.kwargs.fields["x" * 100_000].number_value = 1
+    error = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request))
+    assert len(error.details() or "") <= 1100
+
+
+@pytest.mark.parametrize("queue", ["unacked", "_kombu.binding.celery", "not-declared", "q"])
+async def test_only_declared_queues_can_be_named(stub: pb_grpc.TaskServiceStub, queue: str) -> None:
+    request = start_request("test.echo", 1)
+    request.options.queue = queue
+    error = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request), "declare")
+    assert set(violations(error)) == {"options.queue"}

@@ -230,6 +230,7 @@ async def test_a_redis_restart_under_load_leaves_no_task_unfinished_and_no_key_h
         sweep_interval=0.25,
         redis_timeout=0.5,
         health_interval=0.2,
+        queues="only*",
     )
     env = {
         "TASKSERVICE_REDIS_URL": own.url,

@@ -6,11 +6,14 @@ import asyncio
 
 import grpc
 import pytest
+import redis.asyncio
 from google.protobuf import duration_pb2
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from tests.support.client import error_info, finished, start, start_request, value
+from service.config import Settings
+from tests.support.client import error_info, finished, start, start_request, value, watch_all
+from worker import record
 
 
 async def test_start_runs_the_task_and_returns_its_result(
@@ -191,3 +194,44 @@ async def test_list_task_types_lists_exposed_tasks_only(stub: pb_grpc.TaskServic
     assert params["name"].annotation == "str"
     assert params["name"].kind == pb.PARAMETER_KIND_POSITIONAL_OR_KEYWORD
     assert [p.required for p in types["test.write_after"].parameters] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("kind", "size", "error_type"),
+    [
+        ("text", 2 * 1024 * 1024, "ResultTooLarge"),
+        ("text", 40 * 1024 * 1024, "ResultTooLarge"),
+        ("nested", 60, "ResultNotRepresentable"),
+        ("digits", 400, "ResultNotRepresentable"),
+        ("nan", 0, "ResultNotRepresentable"),
+    ],
+)
+async def test_a_result_no_client_could_read_fails_the_task_readably(
+    stub: pb_grpc.TaskServiceStub, kind: str, size: int, error_type: str
+) -> None:
+    task = await start(stub, "test.make", kind, size)
+    done = await finished(stub, task.id)
+    assert (done.state, done.error.type) == (pb.TASK_STATE_FAILED, error_type)
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.error.type == error_type
+    # The event subscription survived: a later task is still watched to its end.
+    after = await start(stub, "test.echo", "after")
+    assert (await finished(stub, after.id)).state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_a_stored_result_no_client_could_read_is_reported_not_internal(
+    stub: pb_grpc.TaskServiceStub, settings: Settings
+) -> None:
+    task = await start(stub, "test.echo", "x")
+    await finished(stub, task.id)
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    try:
+        # As a worker of another version might have stored it.
+        deep = "[" * 60 + "]" * 60
+        await client.hset(record.task_key(settings.key_prefix, task.id), "result", deep)
+    finally:
+        await client.aclose()
+    status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
+    assert status.error.type == "ResultNotRepresentable"
+    messages = await watch_all(stub, task.id)
+    assert messages[-1].error.type == "ResultNotRepresentable"

@@ -99,3 +99,33 @@ def _publish_pid(path: str) -> None:
     staging = Path(path + ".pid.tmp")
     staging.write_text(str(os.getpid()))
     staging.rename(path + ".pid")
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.typed")
+def typed(
+    self: TrackedTask, count: int, ratio: float = 1.0, tags: list[str] | None = None
+) -> dict[str, Any]:
+    """Return the arguments as received, with their Python types."""
+    return {
+        "count": [count, type(count).__name__],
+        "ratio": [ratio, type(ratio).__name__],
+        "tags": tags,
+    }
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.make")
+def make(self: TrackedTask, kind: str, size: int = 0) -> Any:
+    """Return a value clients cannot all read: "text" of `size` characters,
+    lists nested `size` deep, an integer of `size` digits, or "nan"."""
+    if kind == "text":
+        return "x" * size
+    if kind == "nested":
+        value: Any = None
+        for _ in range(size):
+            value = [value]
+        return value
+    if kind == "digits":
+        return int("9" * size)
+    return float("nan")

@@ -70,14 +70,22 @@ def test_task_message_carries_every_field() -> None:
 
 
 def test_whole_numbers_become_int_others_stay_float() -> None:
-    assert _from_value(struct_pb2.Value(number_value=3.0)) == 3
-    assert isinstance(_from_value(struct_pb2.Value(number_value=3.0)), int)
-    assert _from_value(struct_pb2.Value(number_value=2.5)) == 2.5
-    assert isinstance(_from_value(struct_pb2.Value(number_value=2.0**60)), float)
+    assert _from_value(struct_pb2.Value(number_value=3.0), "v") == 3
+    assert isinstance(_from_value(struct_pb2.Value(number_value=3.0), "v"), int)
+    assert _from_value(struct_pb2.Value(number_value=2.5), "v") == 2.5
+    assert isinstance(_from_value(struct_pb2.Value(number_value=2.0**60), "v"), float)
     nested = struct_pb2.Value()
     nested.list_value.values.add().struct_value.fields["x"].number_value = 1
-    assert _from_value(nested) == [{"x": 1}]
-    assert _from_value(struct_pb2.Value()) is None
+    assert _from_value(nested, "v") == [{"x": 1}]
+    assert _from_value(struct_pb2.Value(null_value=0), "v") is None
+
+
+def test_an_empty_value_is_invalid_and_named() -> None:
+    nested = struct_pb2.Value()
+    nested.list_value.values.add().struct_value.fields["x"].CopyFrom(struct_pb2.Value())
+    with pytest.raises(errors.InvalidArgument) as caught:
+        _from_value(nested, "kwargs.data")
+    assert caught.value.violations[0][0] == "kwargs.data[0].x"
 
 
 @pytest.mark.parametrize(
