@@ -37,7 +37,7 @@ from service.errors import (
     TaskTypeNotFound,
     cut,
 )
-from service.hub import EventHub, Marker
+from service.hub import EventHub, Mailbox, Marker
 from service.publisher import Publisher, Ticket
 from worker import record
 from worker.app import MAX_COUNTDOWN
@@ -390,9 +390,7 @@ class Backend:
                 "revoke broadcast for %s failed (%s); the record still forbids it", task_id, exc
             )
 
-    async def _await_end(
-        self, task_id: str, rec: TaskRecord, events: asyncio.Queue[TaskRecord | Marker]
-    ) -> TaskRecord:
+    async def _await_end(self, task_id: str, rec: TaskRecord, events: Mailbox) -> TaskRecord:
         deadline = asyncio.get_running_loop().time() + self._settings.cancel_wait
         while not rec.terminal:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -424,23 +422,47 @@ class Backend:
 
     # -- WatchStatus ---------------------------------------------------------
 
-    async def watch(self, task_id: str) -> AsyncIterator[TaskRecord]:
-        """The current record, then every change, ending after a terminal one."""
+    async def watch(self, task_id: str, after: int = 0) -> AsyncIterator[TaskRecord]:
+        """The current record (or, with `after`, every change after that
+        sequence number), then every change, ending after a terminal one."""
         task_id = parse_task_id(task_id)
-        # Subscribe before reading the snapshot: a change between the two is
-        # then queued, never lost; changes the snapshot already shows are
-        # skipped by sequence number.
+        # Subscribe before reading: a change made meanwhile waits in the
+        # mailbox, never lost; what was already sent is skipped by sequence.
         async with self._hub.watch(task_id) as events:
             rec = await self.get(task_id)
-            yield rec
-            while not rec.terminal:
+            last = after
+            if after == 0:
+                yield rec
+                last = rec.sequence
+            elif after < rec.sequence:
+                for change in await self._changes(task_id, after, rec.sequence):
+                    yield change
+                    last = change.sequence
+                if last < rec.sequence:  # those changes are no longer kept
+                    yield rec
+                    last = rec.sequence
+            while not (rec.terminal and last >= rec.sequence):
                 event = await events.get()
                 if event is Marker.SHUTDOWN:
                     raise ShuttingDown("the server is shutting down; watch again to resume")
                 newer = await self._newer(task_id, rec, event)
                 if newer is not None:
                     rec = newer
-                    yield rec
+                    if rec.sequence > last:
+                        yield rec
+                        last = rec.sequence
+
+    async def _changes(self, task_id: str, after: int, upto: int) -> list[TaskRecord]:
+        """The task's changes after sequence `after` up to `upto`, in order,
+        from its log; [] if the log no longer has them all."""
+        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrange(  # type: ignore[assignment]
+            record.log_key(self._prefix, task_id)
+        )
+        changes = [TaskRecord.from_json(fields["r"]) for _, fields in entries]
+        wanted = [c for c in changes if after < c.sequence <= upto]
+        if not wanted or wanted[0].sequence != after + 1:
+            return []
+        return wanted
 
     # -- Leases --------------------------------------------------------------
 

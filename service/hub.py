@@ -1,17 +1,23 @@
 """The event hub: one Redis subscription per server process, fanned out to
-one queue per watching stream.
+one mailbox per watching stream.
 
 Every record change is published on one channel as "<task id> <record JSON>"
-(see worker.record). The hub decodes a message only if some stream watches
-that task, and hands it to each such stream's own queue, so every stream gets
-every change in publish order (unlike an asyncio.Condition, which may skip).
-If the subscription drops, the hub reconnects and tells each stream to
-re-read its task (RESYNC), since changes during the gap were not delivered.
+(see worker.record). The hub decodes a message once, only if some stream
+watches that task, and hands the same record to each such stream's mailbox,
+so every stream gets every change in publish order (unlike an
+asyncio.Condition, which may skip). If the subscription drops, the hub
+reconnects and tells each stream to re-read its task (RESYNC), since changes
+during the gap were not delivered.
+
+A mailbox is bounded: a stream whose client reads too slowly collapses its
+backlog into one RESYNC, so it re-reads the latest record. Progress may be
+skipped that way; a terminal state never is (it is the latest record).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import json
@@ -38,6 +44,41 @@ Event = TaskRecord | Marker
 
 CLOSE_WAIT = 2.0
 
+MAILBOX_BUDGET = 16
+"""Events a stream may have waiting before its backlog collapses to RESYNC."""
+
+
+class Mailbox:
+    """The events waiting for one stream: at most MAILBOX_BUDGET of them."""
+
+    def __init__(self) -> None:
+        self._events: collections.deque[Event] = collections.deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def put(self, event: Event) -> None:
+        if self._closed:
+            return
+        if event is Marker.SHUTDOWN:
+            self._closed = True
+            self._events.clear()
+        elif len(self._events) >= MAILBOX_BUDGET:
+            # Whatever waits is superseded by the record as Redis has it now.
+            self._events.clear()
+            event = Marker.RESYNC
+        self._events.append(event)
+        self._ready.set()
+
+    async def get(self) -> Event:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
@@ -47,7 +88,7 @@ class EventHub:
     def __init__(self, client: aioredis.Redis, channel: str) -> None:
         self._client = client
         self._channel = channel
-        self._watchers: dict[str, set[asyncio.Queue[Event]]] = {}
+        self._watchers: dict[str, set[Mailbox]] = {}
         self._connected = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -67,9 +108,9 @@ class EventHub:
         """Stop listening and end every stream, in at most CLOSE_WAIT seconds
         (a subscription stuck on a dead socket must not hang a shutdown)."""
         self._closing = True
-        for queues in self._watchers.values():
-            for queue in queues:
-                queue.put_nowait(Marker.SHUTDOWN)
+        for mailboxes in self._watchers.values():
+            for mailbox in mailboxes:
+                mailbox.put(Marker.SHUTDOWN)
         if self._task is not None:
             self._task.cancel()
             done, _ = await asyncio.wait({self._task}, timeout=CLOSE_WAIT)
@@ -77,22 +118,22 @@ class EventHub:
                 logger.warning("event hub did not stop within %gs; leaving it", CLOSE_WAIT)
 
     @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[asyncio.Queue[Event]]:
-        """A queue receiving every change of `task_id` published from now on.
+    async def watch(self, task_id: str) -> AsyncIterator[Mailbox]:
+        """A mailbox receiving every change of `task_id` published from now on.
 
         Raises RedisUnavailable while the subscription is down, since changes
         could then be missed."""
         if not self.connected:
             raise RedisUnavailable("not subscribed to task events (Redis unreachable); retry")
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._watchers.setdefault(task_id, set()).add(queue)
+        mailbox = Mailbox()
+        self._watchers.setdefault(task_id, set()).add(mailbox)
         try:
-            yield queue
+            yield mailbox
         finally:
-            queues = self._watchers.get(task_id)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
+            mailboxes = self._watchers.get(task_id)
+            if mailboxes is not None:
+                mailboxes.discard(mailbox)
+                if not mailboxes:
                     del self._watchers[task_id]
 
     @property
@@ -130,18 +171,18 @@ class EventHub:
 
     def _dispatch(self, data: str) -> None:
         task_id, _, payload = data.partition(" ")
-        queues = self._watchers.get(task_id)
-        if not queues:
+        mailboxes = self._watchers.get(task_id)
+        if not mailboxes:
             return
         try:
             rec = TaskRecord.from_fields(json.loads(payload))
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring malformed event for task %s: %.200r", task_id, payload)
             return
-        for queue in queues:
-            queue.put_nowait(rec)
+        for mailbox in mailboxes:
+            mailbox.put(rec)
 
     def _broadcast(self, marker: Marker) -> None:
-        for queues in self._watchers.values():
-            for queue in queues:
-                queue.put_nowait(marker)
+        for mailboxes in self._watchers.values():
+            for mailbox in mailboxes:
+                mailbox.put(marker)

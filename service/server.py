@@ -28,6 +28,11 @@ from worker import record
 
 logger = logging.getLogger(__name__)
 
+REDIS_CONNECTIONS = 32
+"""Redis connections of a server process for calls (the event subscription
+has one more): a Redis round trip takes well under a millisecond, so a few
+serve thousands of calls a second."""
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 
 
@@ -81,12 +86,15 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         # these settings rather than the environment.
         configure(app, settings)
     registry.load(settings.task_modules)
-    client = aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         decode_responses=True,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
-        max_connections=256,
+        # A burst of calls waits for one of a few connections rather than
+        # opening thousands (or failing with "Too many connections").
+        max_connections=REDIS_CONNECTIONS,
+        timeout=settings.redis_timeout,
         # After a Redis restart every pooled connection is stale: reconnect
         # and retry rather than fail the call (every script is safe to run
         # twice), and check connections that sat idle before using them.
@@ -94,6 +102,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         health_check_interval=30,
     )
+    client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     # The subscription waits indefinitely for messages, so it gets a client
     # without a read timeout.
     sub_client = aioredis.Redis.from_url(

@@ -124,7 +124,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchStatusResponse]:
         task_id = await self._select(request)
-        async for rec in self._backend.watch(task_id):
+        async for rec in self._backend.watch(task_id, request.after_sequence):
             yield pb.WatchStatusResponse(task=task_message(rec))
 
     @_unary

@@ -23,6 +23,9 @@ Keys:
                                             worker holds unstarted, and Starts
                                             whose message is not yet confirmed
                                             in the broker
+    <prefix>:log:{<task id>}         STREAM the record after each change (its
+                                            last LOG_LENGTH or so), so a watch
+                                            can resume from a sequence number
     <prefix>:events                  pub/sub channel: "<task id> <record JSON>"
 
 A transition touches the record and, at most, the key's holder and the lease
@@ -61,6 +64,11 @@ MAX_MESSAGE_CHARS = 16 * 1024
 
 MAX_TRACEBACK_CHARS = 64 * 1024
 """Longest traceback kept (the end of it, where the error is)."""
+
+LOG_LENGTH = 64
+"""About how many changes of a task are kept for resuming watches (Redis
+trims streams approximately); a watch resumed from further back gets the
+current record instead of each change."""
 
 WORKER_LOST_ERROR = "WorkerLostError"
 NOT_ENQUEUED_ERROR = "NotEnqueued"
@@ -103,6 +111,10 @@ def task_key(prefix: str, task_id: str) -> str:
 
 def holder_key(prefix: str, exclusivity_key: str) -> str:
     return f"{prefix}:key:{{{exclusivity_key}}}"
+
+
+def log_key(prefix: str, task_id: str) -> str:
+    return f"{prefix}:log:{{{task_id}}}"
 
 
 def leases_key(prefix: str) -> str:

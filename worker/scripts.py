@@ -20,7 +20,8 @@ import redis.exceptions
 
 from worker import record
 
-_PRELUDE = """
+_PRELUDE = (
+    """
 local PREFIX = ARGV[1]
 local TTL = tonumber(ARGV[2])
 local LEASES = PREFIX .. ':leases'
@@ -28,6 +29,9 @@ local CHANNEL = PREFIX .. ':events'
 local ACTIVE = {PENDING = true, STARTED = true}
 local TERMINAL = {SUCCESS = true, FAILURE = true, REVOKED = true, LOST = true}
 local RANK = {GRACEFUL = 1, TERMINATE = 2, KILL = 3}
+local LOG_LENGTH = """
+    + str(record.LOG_LENGTH)
+    + """
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -45,11 +49,15 @@ local function snapshot(rkey)
   return cjson.encode(rec), rec
 end
 
--- A change: bump the sequence, keep the record for TTL from now, tell watchers.
+-- A change: bump the sequence, keep the record for TTL from now, append it
+-- to the task's log (so a watch can resume) and tell watchers.
 local function commit(rkey)
   redis.call('HINCRBY', rkey, 'seq', 1)
   redis.call('EXPIRE', rkey, TTL)
   local payload, rec = snapshot(rkey)
+  local log = PREFIX .. ':log:{' .. rec['id'] .. '}'
+  redis.call('XADD', log, 'MAXLEN', '~', LOG_LENGTH, '*', 'r', payload)
+  redis.call('EXPIRE', log, TTL)
   redis.call('PUBLISH', CHANNEL, rec['id'] .. ' ' .. payload)
   return payload
 end
@@ -114,6 +122,7 @@ local function current(rkey, id, now)
   return state
 end
 """
+)
 
 # KEYS[1] the new record, KEYS[2] the key's holder (only with a key).
 # ARGV[3] task id, ARGV[4] provisional lease (ms), ARGV[5..] field pairs.

@@ -20,7 +20,7 @@ from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.embedded import stop_process_group
 from service.server import Server
 from tests.conftest import ROOT, start_server_process
-from tests.support.client import error_info, start_request
+from tests.support.client import error_info, finished, start, start_request
 
 METHODS = ("Start", "GetStatus", "Cancel", "WatchStatus", "ListTaskTypes")
 
@@ -115,3 +115,63 @@ async def test_a_request_over_the_size_limit_is_resource_exhausted(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Start(start_request("test.echo", "x" * (5 * 1024 * 1024)))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_watch_that_is_never_read_keeps_the_server_small(
+    stub: pb_grpc.TaskServiceStub, tmp_path: Path
+) -> None:
+    process, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            lazy = pb_grpc.TaskServiceStub(channel)
+            warm = await start(stub, "test.flood", 50, size=10_000)
+            await finished(lazy, warm.id)
+            before = rss_mib(process.pid)
+            task = await start(stub, "test.flood", 20_000, size=10_000)
+            call = lazy.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
+            await call.initial_metadata()  # open, and never read while it floods
+            await finished(stub, task.id, timeout=120)
+            grown = rss_mib(process.pid) - before
+            # Read at last: the backlog collapsed into the latest state.
+            messages = [m.task async for m in call]
+    finally:
+        stop_process_group(process)
+    print(f"server RSS grew by {grown:.1f} MiB over 20,000 unread updates of 10 KB")
+    assert grown < 64, f"the server grew by {grown:.0f} MiB"
+    assert messages[-1].state == pb.TASK_STATE_SUCCEEDED
+    # Not 20,000: what gRPC's flow-control windows held, then the latest.
+    assert len(messages) < 2_000
+    sequences = [m.sequence for m in messages]
+    assert sequences == sorted(set(sequences))
+
+
+async def test_ten_thousand_watches_opened_at_once_are_all_served(
+    stub: pb_grpc.TaskServiceStub, tmp_path: Path
+) -> None:
+    process, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log")
+    request = start_request("test.echo", 1)
+    request.options.queue = "nobody-listens"  # stays QUEUED until cancelled
+    task = (await stub.Start(request)).task
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(10)]
+    try:
+        stubs = [pb_grpc.TaskServiceStub(c) for c in channels]
+        calls = [
+            stubs[n % len(stubs)].WatchStatus(pb.WatchStatusRequest(task_id=task.id))
+            for n in range(10_000)
+        ]
+        firsts = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), 120)
+        assert {m.task.state for m in firsts} == {pb.TASK_STATE_QUEUED}
+        await stub.Cancel(pb.CancelRequest(task_id=task.id))
+        lasts = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), 120)
+        assert {m.task.state for m in lasts} == {pb.TASK_STATE_CANCELLED}
+    finally:
+        for channel in channels:
+            await channel.close()
+        stop_process_group(process)

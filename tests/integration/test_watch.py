@@ -145,3 +145,41 @@ async def test_a_watch_hears_a_change_made_while_its_server_was_not_subscribed(
     assert seen.task.state == pb.TASK_STATE_RUNNING
     assert seen.task.progress.message == "during the gap"
     call.cancel()
+
+
+async def test_a_dropped_watch_resumes_from_its_last_sequence_without_gaps_or_repeats(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    task = await start(stub, "test.flood", 12, pause=0.05)
+    first = stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
+    seen = []
+    async for message in first:
+        seen.append(message.task)
+        if message.task.sequence >= 5:
+            break
+    first.cancel()
+    await asyncio.sleep(0.2)  # changes happen while nobody watches
+    resumed = stub.WatchStatus(
+        pb.WatchStatusRequest(task_id=task.id, after_sequence=seen[-1].sequence)
+    )
+    seen += [m.task async for m in resumed]
+    sequences = [t.sequence for t in seen]
+    assert sequences == list(range(sequences[0], sequences[-1] + 1)), sequences
+    assert seen[-1].state == pb.TASK_STATE_SUCCEEDED
+    # Resuming after the end yields nothing; the stream just ends.
+    again = stub.WatchStatus(
+        pb.WatchStatusRequest(task_id=task.id, after_sequence=seen[-1].sequence)
+    )
+    assert [m async for m in again] == []
+
+
+async def test_a_watch_resumed_from_changes_no_longer_kept_gets_the_current_state(
+    stub: pb_grpc.TaskServiceStub,
+) -> None:
+    task = await start(stub, "test.flood", 400)
+    done = await finished(stub, task.id)
+    resumed = [
+        m.task
+        async for m in stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id, after_sequence=2))
+    ]
+    assert resumed == [done]

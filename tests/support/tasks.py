@@ -129,3 +129,14 @@ def make(self: TrackedTask, kind: str, size: int = 0) -> Any:
     if kind == "digits":
         return int("9" * size)
     return float("nan")
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.flood")
+def flood(self: TrackedTask, count: int, size: int = 0, pause: float = 0) -> int:
+    """Report progress `count` times, each with a message of `size` characters."""
+    for step in range(1, count + 1):
+        self.report_progress(step, count, "x" * size)
+        if pause:
+            time.sleep(pause)
+    return count

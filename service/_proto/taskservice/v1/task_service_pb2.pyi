@@ -588,19 +588,28 @@ class WatchStatusRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     EXCLUSIVITY_KEY_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """A task id returned by Start."""
     exclusivity_key: _builtins.str
     """An exclusivity key: watches its unfinished task, else the most recent."""
+    after_sequence: _builtins.int
+    """Resume a watch: the `sequence` of the last message received. The stream
+    then sends every later change once, in order (or, if they are no longer
+    kept, the task as it is now), then live changes. 0: start with the
+    current snapshot. A task whose terminal state was already received
+    yields no message.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         exclusivity_key: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["exclusivity_key", b"exclusivity_key", "selector", b"selector", "task_id", b"task_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclusivity_key", b"exclusivity_key", "selector", b"selector", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "exclusivity_key", b"exclusivity_key", "selector", b"selector", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["task_id", "exclusivity_key"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015

@@ -129,7 +129,10 @@ class TaskServiceServicer:
     def WatchStatus(self, request, context):
         """WatchStatus streams a task: first its current snapshot, then one message
         per change, in order, each with a higher sequence number. The server
-        ends the stream after the message carrying a terminal state.
+        ends the stream after the message carrying a terminal state. A dropped
+        stream resumes with `after_sequence`. A client that reads too slowly
+        gets the latest state instead of every intermediate one (progress may
+        be skipped; a terminal state never is).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -71,7 +71,10 @@ class TaskServiceStub:
     WatchStatus: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchStatusRequest, _task_service_pb2.WatchStatusResponse]
     """WatchStatus streams a task: first its current snapshot, then one message
     per change, in order, each with a higher sequence number. The server
-    ends the stream after the message carrying a terminal state.
+    ends the stream after the message carrying a terminal state. A dropped
+    stream resumes with `after_sequence`. A client that reads too slowly
+    gets the latest state instead of every intermediate one (progress may
+    be skipped; a terminal state never is).
     """
     ListTaskTypes: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskTypesRequest, _task_service_pb2.ListTaskTypesResponse]
     """ListTaskTypes lists the task types that Start accepts."""
@@ -119,7 +122,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     WatchStatus: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchStatusRequest, _task_service_pb2.WatchStatusResponse]  # type: ignore[assignment]
     """WatchStatus streams a task: first its current snapshot, then one message
     per change, in order, each with a higher sequence number. The server
-    ends the stream after the message carrying a terminal state.
+    ends the stream after the message carrying a terminal state. A dropped
+    stream resumes with `after_sequence`. A client that reads too slowly
+    gets the latest state instead of every intermediate one (progress may
+    be skipped; a terminal state never is).
     """
     ListTaskTypes: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskTypesRequest, _task_service_pb2.ListTaskTypesResponse]  # type: ignore[assignment]
     """ListTaskTypes lists the task types that Start accepts."""
@@ -188,7 +194,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchStatusResponse], _abc.AsyncIterator[_task_service_pb2.WatchStatusResponse]]:
         """WatchStatus streams a task: first its current snapshot, then one message
         per change, in order, each with a higher sequence number. The server
-        ends the stream after the message carrying a terminal state.
+        ends the stream after the message carrying a terminal state. A dropped
+        stream resumes with `after_sequence`. A client that reads too slowly
+        gets the latest state instead of every intermediate one (progress may
+        be skipped; a terminal state never is).
         """
 
     @_abc_1.abstractmethod
