@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -43,13 +46,14 @@ from worker import record
 from worker.app import MAX_COUNTDOWN
 from worker.record import TaskRecord
 from worker.registry import EXCLUSIVITY_KEY_PATTERN, ArgumentsInvalid, TaskRegistry, TaskType
-from worker.scripts import Call, Scripts, transient
+from worker.scripts import Call, Request, Scripts, transient
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 QUEUE_PATTERN = EXCLUSIVITY_KEY_PATTERN
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KOMBU_KEYS = ("unacked", "_kombu")
 """kombu's own Redis keys: never a queue, whatever TASKSERVICE_QUEUES says."""
 SIGNALS = {"TERMINATE": "SIGTERM", "KILL": "SIGKILL"}
@@ -71,6 +75,7 @@ class StartCommand:
     soft_time_limit: float | None = None
     time_remaining: float | None = None
     """Seconds until the caller's deadline, if it has one."""
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +170,19 @@ class Backend:
     # -- Start ---------------------------------------------------------------
 
     async def start(self, cmd: StartCommand) -> Started:
+        request = self._request(
+            cmd.request_id,
+            "Start",
+            cmd.task_name,
+            cmd.args,
+            cmd.kwargs,
+            cmd.exclusivity_key,
+            cmd.return_existing,
+            cmd.countdown,
+            cmd.queue,
+            cmd.time_limit,
+            cmd.soft_time_limit,
+        )
         task_type, cmd = self._check_start(cmd)
         answer_by = None
         if cmd.time_remaining is not None:
@@ -172,10 +190,28 @@ class Backend:
         # Once started, a Start runs to its end even if the caller goes away:
         # a claim is either confirmed (the broker has the message) or
         # abandoned (the key goes back), never left to its provisional lease.
-        return await _shielded(self._start(cmd, task_type, answer_by))
+        return await _shielded(self._start(cmd, task_type, answer_by, request))
+
+    def _request(self, request_id: str, *call: Any) -> Request | None:
+        """The request id of a call, with a fingerprint of what it asks."""
+        if not request_id:
+            return None
+        if not REQUEST_ID_PATTERN.fullmatch(request_id):
+            raise InvalidArgument(
+                f"request_id {cut(request_id, 80)!r} must be 1-128 characters of "
+                "[A-Za-z0-9._:-] (a UUID, say)",
+                violations=[("request_id", "not 1-128 characters of [A-Za-z0-9._:-]")],
+            )
+        canonical = json.dumps(call, sort_keys=True, separators=(",", ":"), default=repr)
+        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+        return Request(request_id, fingerprint, self._settings.request_id_ttl)
 
     async def _start(
-        self, cmd: StartCommand, task_type: TaskType, answer_by: float | None
+        self,
+        cmd: StartCommand,
+        task_type: TaskType,
+        answer_by: float | None,
+        request: Request | None,
     ) -> Started:
         key = cmd.exclusivity_key or task_type.default_exclusivity_key
         task_id = str(uuid.uuid4())
@@ -185,7 +221,9 @@ class Backend:
             task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
         )
         provisional_ms = int(self._settings.provisional_lease * 1000)
-        claim = self._scripts.claim(fields, exclusivity_key=key, provisional_ms=provisional_ms)
+        claim = self._scripts.claim(
+            fields, exclusivity_key=key, provisional_ms=provisional_ms, request=request
+        )
         try:
             status, detail = await self._run(claim)
         except (redis.exceptions.RedisError, OSError):
@@ -195,6 +233,13 @@ class Backend:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self._run(self._scripts.abandon(task_id, "never enqueued: Redis failed"))
             raise
+        if status == "repeat":
+            earlier = await self._settled(str(detail))
+            if earlier is None:  # that Start failed after all: this one runs anew
+                return await self._start(cmd, task_type, answer_by, request)
+            return Started(earlier, already_existed=False)
+        if status == "reused":
+            raise _reused(request)
         if status == "held":
             holder = TaskRecord.from_json(detail)
             if cmd.return_existing:
@@ -223,6 +268,22 @@ class Backend:
                 f"the broker took task {task_id} too late: it was given up and will not run; retry"
             )
         return Started(accepted, already_existed=False)
+
+    async def _settled(self, task_id: str) -> TaskRecord | None:
+        """The task an earlier Start with the same request id made, once that
+        Start has settled; None if it failed (its task was never enqueued)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._settings.provisional_lease
+        while True:
+            try:
+                rec = await self.get(task_id)
+            except TaskNotFound:
+                return None
+            if _never_enqueued(rec):
+                return None
+            if not rec.publishing or loop.time() > give_up:
+                return rec
+            await asyncio.sleep(0.02)
 
     async def _publish(
         self, ticket: Ticket, cmd: StartCommand, task_id: str, queue: str, answer_by: float | None
@@ -350,11 +411,28 @@ class Backend:
 
     # -- Cancel --------------------------------------------------------------
 
-    async def cancel(self, task_id: str, mode: str) -> TaskRecord:
-        """Cancel; `mode` is GRACEFUL, TERMINATE or KILL."""
+    async def cancel(self, task_id: str, mode: str, *, request_id: str = "") -> TaskRecord:
+        """Cancel; `mode` is GRACEFUL, TERMINATE or KILL. With a request id, a
+        repeated Cancel answers as the first did."""
         task_id = parse_task_id(task_id)
+        request = self._request(request_id, "Cancel", task_id, mode)
+        if request is not None:
+            key = record.request_key(self._prefix, request.id)
+            seen: dict[str, str] = await self._redis.hgetall(key)  # type: ignore[assignment]
+            if seen:
+                if seen.get("fingerprint") != request.fingerprint:
+                    raise _reused(request)
+                return TaskRecord.from_json(seen["response"])
         # Like Start: a recorded cancel request is always followed by its revoke.
-        return await _shielded(self._cancel(task_id, mode))
+        rec = await _shielded(self._cancel(task_id, mode))
+        if request is not None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    key, mapping={"fingerprint": request.fingerprint, "response": rec.to_json()}
+                )
+                pipe.expire(key, request.ttl)
+                await pipe.execute()
+        return rec
 
     async def _cancel(self, task_id: str, mode: str) -> TaskRecord:
         # Watch before changing, so the worker's confirmation cannot slip by.
@@ -475,6 +553,14 @@ class Backend:
             ended += int(count)
             if int(seen) < batch:
                 return ended
+
+
+def _reused(request: Request | None) -> InvalidArgument:
+    return InvalidArgument(
+        f"request_id {request.id if request else ''!r} was already used for a different "
+        "request; use a new one for each distinct call",
+        violations=[("request_id", "already used for a different request")],
+    )
 
 
 def _never_enqueued(rec: TaskRecord) -> bool:

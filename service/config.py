@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     """Seconds a task's record is kept after its last change; after that its
     id answers NOT_FOUND."""
 
+    request_id_ttl: int = Field(default=24 * 3600, gt=0)
+    """Seconds a request_id (of Start or Cancel) is remembered: a retry
+    within it is answered as the first call was."""
+
     cancel_wait: float = Field(default=5.0, ge=0)
     """Seconds a TERMINATE/KILL Cancel waits for the worker to confirm before
     answering with the task as it then is."""

@@ -96,6 +96,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
                 time_limit=_seconds(options, "time_limit"),
                 soft_time_limit=_seconds(options, "soft_time_limit"),
                 time_remaining=context.time_remaining(),
+                request_id=request.request_id,
             )
         )
         return pb.StartResponse(
@@ -116,7 +117,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         mode = CANCEL_MODES.get(request.mode)
         if mode is None:
             raise errors.InvalidArgument(f"unknown cancel mode {request.mode}")
-        rec = await self._backend.cancel(request.task_id, mode)
+        rec = await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
         return pb.CancelResponse(task=task_message(rec))
 
     @_streaming

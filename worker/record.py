@@ -26,6 +26,9 @@ Keys:
     <prefix>:log:{<task id>}         STREAM the record after each change (its
                                             last LOG_LENGTH or so), so a watch
                                             can resume from a sequence number
+    <prefix>:request:{<request id>}  HASH   what a request id was used for
+                                            (fingerprint, task, response), so
+                                            a retried call is answered alike
     <prefix>:events                  pub/sub channel: "<task id> <record JSON>"
 
 A transition touches the record and, at most, the key's holder and the lease
@@ -40,7 +43,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PENDING = "PENDING"
@@ -117,6 +120,10 @@ def log_key(prefix: str, task_id: str) -> str:
     return f"{prefix}:log:{{{task_id}}}"
 
 
+def request_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}:request:{{{request_id}}}"
+
+
 def leases_key(prefix: str) -> str:
     return f"{prefix}:leases"
 
@@ -159,10 +166,17 @@ class TaskRecord:
     error: ErrorInfo | None
     progress: Progress | None
     cancel: str
+    publishing: bool = False
+    """Its Start has not yet confirmed that the broker has the message."""
+    fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """The stored fields it was decoded from."""
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def to_json(self) -> str:
+        return json.dumps(dict(self.fields))
 
     @classmethod
     def from_json(cls, payload: str | bytes) -> TaskRecord:
@@ -216,6 +230,8 @@ class TaskRecord:
             error=error,
             progress=progress,
             cancel=fields.get("cancel", ""),
+            publishing="publishing" in fields,
+            fields=fields,
         )
 
 

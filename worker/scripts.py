@@ -85,6 +85,10 @@ end
 -- still holds it), and end the task so that a message that got through
 -- after all is refused by the worker.
 local function abandon(rkey, id, now, message)
+  local req = redis.call('HGET', rkey, 'request')
+  if req and redis.call('HGET', req, 'task') == id then
+    redis.call('DEL', req)  -- a retry of this Start must run anew
+  end
   local key = redis.call('HGET', rkey, 'key')
   if key then
     local hkey = PREFIX .. ':key:{' .. key .. '}'
@@ -125,11 +129,22 @@ end
 )
 
 # KEYS[1] the new record, KEYS[2] the key's holder (only with a key).
-# ARGV[3] task id, ARGV[4] provisional lease (ms), ARGV[5..] field pairs.
-# -> {'ok', ''} | {'held', holder record JSON}
+# ARGV[3] task id, ARGV[4] provisional lease (ms), ARGV[5] request key ('' for
+# none), ARGV[6] request fingerprint, ARGV[7] request TTL, ARGV[8..] fields.
+# -> {'ok', ''} | {'held', holder record JSON} | {'repeat', task id of the
+# earlier Start with this request id} | {'reused', ''} (other parameters)
 _CLAIM = """
 local now = now_ms()
 local id = ARGV[3]
+local req = ARGV[5]
+if req ~= '' then
+  local seen = redis.call('HMGET', req, 'fingerprint', 'task')
+  if seen[2] == id then return {'ok', ''} end  -- this claim, sent again
+  if seen[1] then
+    if seen[1] ~= ARGV[6] then return {'reused', ''} end
+    return {'repeat', seen[2]}
+  end
+end
 local prev = false
 if KEYS[2] then
   prev = redis.call('GET', KEYS[2])
@@ -140,10 +155,15 @@ if KEYS[2] then
     if state and ACTIVE[state] then return {'held', (snapshot(pkey))} end
   end
 end
-redis.call('HSET', KEYS[1], 'publishing', '1', unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'publishing', '1', unpack(ARGV, 8))
 if prev then redis.call('HSET', KEYS[1], 'prev', prev) end
 redis.call('EXPIRE', KEYS[1], TTL)
 if KEYS[2] then redis.call('SET', KEYS[2], id, 'EX', TTL) end
+if req ~= '' then
+  redis.call('HSET', KEYS[1], 'request', req)
+  redis.call('HSET', req, 'fingerprint', ARGV[6], 'task', id)
+  redis.call('EXPIRE', req, tonumber(ARGV[7]))
+end
 redis.call('ZADD', LEASES, now + tonumber(ARGV[4]), id)
 return {'ok', ''}
 """
@@ -335,6 +355,16 @@ class Call:
 
 
 @dataclass(frozen=True, slots=True)
+class Request:
+    """A caller's request id (AIP-155), with what it asked for and how long
+    the answer is remembered."""
+
+    id: str
+    fingerprint: str
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
 class Scripts:
     """Builds the calls of one deployment (key prefix, record TTL)."""
 
@@ -348,13 +378,26 @@ class Scripts:
         return self._call(script, [record.task_key(self.prefix, task_id)], task_id, *args)
 
     def claim(
-        self, fields: Mapping[str, str], *, exclusivity_key: str, provisional_ms: int
+        self,
+        fields: Mapping[str, str],
+        *,
+        exclusivity_key: str,
+        provisional_ms: int,
+        request: Request | None = None,
     ) -> Call:
         task_id = fields["id"]
         keys = [record.task_key(self.prefix, task_id)]
         if exclusivity_key:
             keys.append(record.holder_key(self.prefix, exclusivity_key))
-        return self._call(CLAIM, keys, task_id, str(provisional_ms), *_pairs(fields))
+        if request is None:
+            request_args = ["", "", "0"]
+        else:
+            request_args = [
+                record.request_key(self.prefix, request.id),
+                request.fingerprint,
+                str(request.ttl),
+            ]
+        return self._call(CLAIM, keys, task_id, str(provisional_ms), *request_args, *_pairs(fields))
 
     def confirm(self, task_id: str) -> Call:
         return self._task(CONFIRM, task_id)

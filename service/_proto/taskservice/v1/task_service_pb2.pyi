@@ -405,6 +405,7 @@ class StartRequest(_message.Message):
     EXCLUSIVITY_KEY_FIELD_NUMBER: _builtins.int
     CONFLICT_POLICY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     """The task type to start, one of ListTaskTypes' names."""
     exclusivity_key: _builtins.str
@@ -414,6 +415,13 @@ class StartRequest(_message.Message):
     """
     conflict_policy: Global___ConflictPolicy.ValueType
     """What to do if a task is unfinished under the key."""
+    request_id: _builtins.str
+    """Makes retries safe (AIP-155): a Start repeated with the same request_id
+    and the same parameters answers with the same task and enqueues nothing;
+    with other parameters it is INVALID_ARGUMENT. A UUID is a good choice
+    (1-128 characters of [A-Za-z0-9._:-]); kept TASKSERVICE_REQUEST_ID_TTL
+    seconds. A Start that failed left no trace, so its retry runs anew.
+    """
     @_builtins.property
     def args(self) -> _struct_pb2.ListValue:
         """Positional arguments."""
@@ -435,10 +443,11 @@ class StartRequest(_message.Message):
         exclusivity_key: _builtins.str = ...,
         conflict_policy: Global___ConflictPolicy.ValueType = ...,
         options: Global___StartOptions | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "conflict_policy", b"conflict_policy", "exclusivity_key", b"exclusivity_key", "kwargs", b"kwargs", "options", b"options", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "conflict_policy", b"conflict_policy", "exclusivity_key", b"exclusivity_key", "kwargs", b"kwargs", "options", b"options", "request_id", b"request_id", "task_name", b"task_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,21 +543,27 @@ class CancelRequest(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task to cancel."""
     mode: Global___CancelMode.ValueType
     """How to stop it if it is running. A running task whose worker stopped
     heartbeating ends CANCELLED when its lease lapses, in every mode.
     """
+    request_id: _builtins.str
+    """Makes retries safe, as StartRequest.request_id: a Cancel repeated with
+    the same request_id and parameters answers as the first one did.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         mode: Global___CancelMode.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "request_id", b"request_id", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
