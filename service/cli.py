@@ -17,6 +17,9 @@ from service.config import Settings
 
 logger = logging.getLogger("taskservice")
 
+DEV_TASKS = "worker.tasks"
+"""What `taskservice dev` exposes unless TASKSERVICE_TASKS says otherwise: the demos."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -45,11 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from service.server import PortInUse, serve
+    from service.server import StartupError, serve
 
     try:
         asyncio.run(serve(settings))
-    except PortInUse as error:
+    except StartupError as error:
         logger.error("%s", error)
         return 1
     return 0
@@ -97,6 +100,7 @@ def _dev(concurrency: int) -> int:
     redis_server = EmbeddedRedis().start()
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
     env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
+    env.setdefault("TASKSERVICE_TASKS", DEV_TASKS)
     env.pop("TASKSERVICE_BROKER_URL", None)
     env.pop("TASKSERVICE_RESULT_BACKEND", None)
     worker_log = run_dir / "worker.log"
@@ -114,7 +118,12 @@ def _dev(concurrency: int) -> int:
     logger.info("worker: pid %d (log %s)", worker.pid, worker_log)
     os.environ.update(TASKSERVICE_REDIS_URL=redis_server.url)
     settings = settings.model_copy(
-        update={"redis_url": redis_server.url, "broker_url": None, "result_backend": None}
+        update={
+            "redis_url": redis_server.url,
+            "broker_url": None,
+            "result_backend": None,
+            "tasks": settings.tasks or DEV_TASKS,
+        }
     )
     try:
         logger.info("grpc: %s:%d (Ctrl-C stops everything)", settings.host, settings.port)

@@ -6,7 +6,7 @@ the workers it feeds agree on where Redis and the broker are.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,9 +28,11 @@ class Settings(BaseSettings):
     """Prefix of every Redis key and channel taskservice uses (several
     deployments, or test runs, can share one Redis with different prefixes)."""
 
-    tasks: str = "worker.tasks"
+    tasks: str = ""
     """Comma-separated modules whose `expose`d tasks may be started. Only
-    these tasks are reachable over gRPC."""
+    these tasks are reachable over gRPC. `taskservice dev` defaults to the
+    demo tasks (`worker.tasks`); `serve` and `worker` expose nothing unless
+    told."""
 
     queues: str = ""
     """Comma-separated queues a Start may name besides the default one
@@ -69,6 +71,36 @@ class Settings(BaseSettings):
     """Seconds a worker keeps retrying a record change while Redis is
     unreachable (a restart, a failover) before giving up on it; a running task
     whose changes were lost ends LOST through its lease."""
+
+    tls_cert_file: str = ""
+    """PEM certificate (chain) the server presents; with `tls_key_file`,
+    the server speaks TLS only."""
+
+    tls_key_file: str = ""
+    """PEM private key of `tls_cert_file`."""
+
+    tls_client_ca_file: str = ""
+    """PEM CA certificates: when set, every client must present a
+    certificate they signed (mutual TLS)."""
+
+    tokens: SecretStr = SecretStr("")
+    """Bearer tokens, `;`-separated entries `<name> <token> [read,start,cancel]`
+    (see service/auth.py). With any token set, every call but health needs one."""
+
+    tokens_file: str = ""
+    """A file of token entries, one per line (`#` comments)."""
+
+    reflection: bool = True
+    """Serve gRPC reflection (grpcurl without proto files); it needs a `read`
+    token when tokens are set."""
+
+    allow_insecure: bool = False
+    """Let `serve` listen on a non-loopback address without TLS or tokens
+    (anyone who reaches the port could start, read and kill tasks)."""
+
+    hide_tracebacks: bool = False
+    """Send TaskError without its traceback (type and message only), for
+    callers who should not see server paths."""
 
     reuse_port: bool = False
     """Let several servers listen on one port (SO_REUSEPORT), e.g. one per
@@ -121,6 +153,14 @@ class Settings(BaseSettings):
 
     shutdown_grace: float = Field(default=5.0, ge=0)
     """Seconds in-flight calls get to finish on shutdown."""
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file are set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:

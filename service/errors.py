@@ -14,6 +14,8 @@ match wins. Hierarchy (code, then reason = the class's `reason`):
       KeyNotFound            NOT_FOUND           no task ever ran under the key (or it expired)
       TaskAlreadyRunning     ALREADY_EXISTS      the key is held; metadata task_id = holder
       TaskFinished           FAILED_PRECONDITION cancel of a task that already finished
+      Unauthenticated        UNAUTHENTICATED     no valid bearer token (service.auth)
+      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission
       Misconfigured          FAILED_PRECONDITION the server cannot use Redis or the broker as
                                                  configured (credentials, ACL): retrying is
                                                  pointless until an operator fixes it
@@ -108,6 +110,20 @@ class TaskFinished(TaskServiceError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "TASK_FINISHED"
+
+
+class Unauthenticated(TaskServiceError):
+    """No valid bearer token: send `authorization: Bearer <token>`."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TaskServiceError):
+    """The token is valid but lacks the permission the method needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class Misconfigured(TaskServiceError):
@@ -317,6 +333,8 @@ _CODES: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.NOT_FOUND: code_pb2.NOT_FOUND,
     grpc.StatusCode.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
     grpc.StatusCode.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNAVAILABLE: code_pb2.UNAVAILABLE,
     grpc.StatusCode.INTERNAL: code_pb2.INTERNAL,

@@ -1,4 +1,5 @@
-"""What every call goes through before its handler: decoding, then the drain gate.
+"""What every call goes through before its handler: the token check
+(service.auth, when tokens are set), decoding, then the drain gate.
 
 - `Decoding`: a request that fails to decode (bytes that are not protobuf,
   invalid UTF-8, JSON nested deeper than protobuf's recursion limit) answers
@@ -64,7 +65,7 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return deserialize
 
 
-def _rewrap(
+def rewrap(
     handler: Handler,
     wrap_unary: Callable[[Behaviour], Behaviour],
     wrap_stream: Callable[[Behaviour], Behaviour],
@@ -132,7 +133,7 @@ class Decoding(grpc.aio.ServerInterceptor):
 
             return checked
 
-        return _rewrap(handler, unary, stream, deserializer=_safe(handler.request_deserializer))
+        return rewrap(handler, unary, stream, deserializer=_safe(handler.request_deserializer))
 
 
 class Gate(grpc.aio.ServerInterceptor):
@@ -206,4 +207,4 @@ class Gate(grpc.aio.ServerInterceptor):
 
             return gated
 
-        return _rewrap(handler, unary, stream)
+        return rewrap(handler, unary, stream)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import redis.asyncio as aioredis
@@ -17,6 +19,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.auth import Auth, Token, load_tokens
 from service.backend import Backend
 from service.config import Settings
 from service.hub import EventHub
@@ -36,8 +39,16 @@ serve thousands of calls a second."""
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 
 
-class PortInUse(Exception):
+class StartupError(Exception):
+    """The server cannot start as configured; the message says what to change."""
+
+
+class PortInUse(StartupError):
     """The gRPC address is taken (and port sharing was not asked for)."""
+
+
+class Insecure(StartupError):
+    """A non-loopback address without TLS or tokens, not explicitly allowed."""
 
 
 @dataclass
@@ -81,11 +92,14 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     """
     from worker.app import app, configure, create_publisher, registry
 
+    tokens, credentials = _security(settings)
     if app.settings is None:
         # Reading task names and signatures configures the app: let it see
         # these settings rather than the environment.
         configure(app, settings)
     registry.load(settings.task_modules)
+    if not settings.task_modules:
+        logger.warning("no task modules (TASKSERVICE_TASKS): nothing can be started")
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
         decode_responses=True,
@@ -118,16 +132,24 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     backend = Backend(settings, registry, publisher, client, hub)
 
     gate = Gate()
-    server = grpc.aio.server(interceptors=[Decoding(), gate], options=server_options(settings))
-    pb_grpc.add_TaskServiceServicer_to_server(TaskServiceServicer(backend), server)
+    interceptors: list[grpc.aio.ServerInterceptor] = [Decoding(), gate]
+    if tokens:
+        interceptors.insert(0, Auth(tokens))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    servicer = TaskServiceServicer(backend, tracebacks=not settings.hide_tracebacks)
+    pb_grpc.add_TaskServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    add_reflection(
-        server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-    )
+    if settings.reflection:
+        add_reflection(
+            server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        )
     address = f"{settings.host}:{settings.port if port is None else port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError:
         await backend.close()
         raise PortInUse(
@@ -143,6 +165,45 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
+
+
+def _security(settings: Settings) -> tuple[list[Token], grpc.ServerCredentials | None]:
+    """The tokens and TLS credentials `settings` ask for; StartupError if the
+    files do not load, or if the server would be open to the network."""
+    try:
+        tokens = load_tokens(settings.tokens.get_secret_value(), settings.tokens_file)
+        credentials = None
+        if settings.tls_cert_file:
+            ca = settings.tls_client_ca_file
+            credentials = grpc.ssl_server_credentials(
+                [
+                    (
+                        Path(settings.tls_key_file).read_bytes(),
+                        Path(settings.tls_cert_file).read_bytes(),
+                    )
+                ],
+                root_certificates=Path(ca).read_bytes() if ca else None,
+                require_client_auth=bool(ca),
+            )
+    except (OSError, ValueError) as error:
+        raise StartupError(f"cannot load the TLS or token settings: {error}") from None
+    if not (tokens or credentials or settings.allow_insecure or _loopback(settings.host)):
+        raise Insecure(
+            f"refusing to listen on {settings.host} without TLS or tokens: anyone who "
+            "reaches the port could start, read and kill tasks. Set TASKSERVICE_TOKENS "
+            "(or _TOKENS_FILE) and/or TASKSERVICE_TLS_CERT_FILE and _KEY_FILE, or "
+            "TASKSERVICE_ALLOW_INSECURE=true if the network is trusted"
+        )
+    return tokens, credentials
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:

@@ -70,8 +70,9 @@ def _streaming(
 class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     """The taskservice.v1.TaskService handlers."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, tracebacks: bool = True) -> None:
         self._backend = backend
+        self._tracebacks = tracebacks
 
     @_unary
     async def Start(
@@ -100,7 +101,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
             )
         )
         return pb.StartResponse(
-            task=task_message(started.record), already_existed=started.already_existed
+            task=self._task(started.record), already_existed=started.already_existed
         )
 
     @_unary
@@ -108,7 +109,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetStatusResponse:
         task_id = await self._select(request)
-        return pb.GetStatusResponse(task=task_message(await self._backend.get(task_id)))
+        return pb.GetStatusResponse(task=self._task(await self._backend.get(task_id)))
 
     @_unary
     async def Cancel(
@@ -118,7 +119,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         if mode is None:
             raise errors.InvalidArgument(f"unknown cancel mode {request.mode}")
         rec = await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
-        return pb.CancelResponse(task=task_message(rec))
+        return pb.CancelResponse(task=self._task(rec))
 
     @_streaming
     async def WatchStatus(
@@ -126,7 +127,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     ) -> AsyncIterator[pb.WatchStatusResponse]:
         task_id = await self._select(request)
         async for rec in self._backend.watch(task_id, request.after_sequence):
-            yield pb.WatchStatusResponse(task=task_message(rec))
+            yield pb.WatchStatusResponse(task=self._task(rec))
 
     @_unary
     async def ListTaskTypes(
@@ -135,6 +136,9 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         return pb.ListTaskTypesResponse(
             task_types=[task_type_message(t) for t in self._backend.task_types()]
         )
+
+    def _task(self, rec: TaskRecord) -> pb.Task:
+        return task_message(rec, traceback=self._tracebacks)
 
     async def _select(self, request: pb.GetStatusRequest | pb.WatchStatusRequest) -> str:
         which = request.WhichOneof("selector")
@@ -145,8 +149,9 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         raise errors.InvalidArgument("give task_id or exclusivity_key")
 
 
-def task_message(rec: TaskRecord) -> pb.Task:
-    """The proto Task for a record."""
+def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
+    """The proto Task for a record (without the error's traceback if not
+    `traceback`)."""
     task = pb.Task(
         id=rec.id,
         task_name=rec.name,
@@ -180,7 +185,7 @@ def task_message(rec: TaskRecord) -> pb.Task:
     elif rec.error is not None:
         task.error.type = rec.error.type
         task.error.message = rec.error.message
-        task.error.traceback = rec.error.traceback
+        task.error.traceback = rec.error.traceback if traceback else ""
     if rec.progress is not None:
         task.progress.current = rec.progress.current
         task.progress.total = rec.progress.total

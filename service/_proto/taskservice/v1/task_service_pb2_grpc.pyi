@@ -37,6 +37,8 @@ class TaskServiceStub:
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
       FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
                            BROKER_MISCONFIGURED (an operator must fix the server)
+      UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
+      PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
                            REDIS_POOL_EXHAUSTED (retry with backoff)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
@@ -91,6 +93,8 @@ class TaskServiceAsyncStub(TaskServiceStub):
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
       FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
                            BROKER_MISCONFIGURED (an operator must fix the server)
+      UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
+      PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
                            REDIS_POOL_EXHAUSTED (retry with backoff)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
@@ -141,6 +145,8 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
       ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
       FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
                            BROKER_MISCONFIGURED (an operator must fix the server)
+      UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
+      PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
                            REDIS_POOL_EXHAUSTED (retry with backoff)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
