@@ -8,6 +8,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,7 +200,7 @@ def _value(item: Any) -> Any:
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(request=start_requests())
 async def test_no_start_request_gets_internal(
     stub: pb_grpc.TaskServiceStub, request: pb.StartRequest
@@ -297,3 +298,63 @@ async def test_only_declared_queues_can_be_named(stub: pb_grpc.TaskServiceStub, 
     request.options.queue = queue
     error = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Start(request), "declare")
     assert set(violations(error)) == {"options.queue"}
+
+
+PRECISE = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+METHODS = ("Start", "GetStatus", "Cancel", "WatchStatus", "ListTaskTypes")
+_VALID = {
+    "Start": start_request("test.echo", {"a": [1, 2.5]}, key="fuzz").SerializeToString(),
+    "GetStatus": pb.GetStatusRequest(task_id=UNKNOWN_ID).SerializeToString(),
+    "Cancel": pb.CancelRequest(task_id=UNKNOWN_ID, request_id="r-1").SerializeToString(),
+    "WatchStatus": pb.WatchStatusRequest(task_id=UNKNOWN_ID, after_sequence=3).SerializeToString(),
+    "ListTaskTypes": b"",
+}
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A method and bytes for it: random, or a valid request with bytes changed."""
+    method = draw(st.sampled_from(METHODS))
+    if draw(st.booleans()):
+        return method, draw(st.binary(max_size=300))
+    data = bytearray(_VALID[method])
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        if data:
+            at = draw(st.integers(min_value=0, max_value=len(data) - 1))
+            data[at] = draw(st.integers(min_value=0, max_value=255))
+    return method, bytes(data)
+
+
+async def call_raw(channel: grpc.aio.Channel, method: str, payload: bytes) -> grpc.StatusCode:
+    path = f"/taskservice.v1.TaskService/{method}"
+    try:
+        if method == "WatchStatus":
+            call = channel.unary_stream(path)(payload, timeout=5)
+            await call.read()
+            call.cancel()
+        else:
+            await channel.unary_unary(path)(payload, timeout=5)
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(request=raw_requests())
+async def test_no_bytes_on_any_method_get_internal_or_unknown(
+    channel: grpc.aio.Channel, request: tuple[str, bytes]
+) -> None:
+    code = await call_raw(channel, *request)
+    assert code in PRECISE, (request, code)
+
+
+async def test_the_server_is_healthy_after_the_fuzzing(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    check = await health.Check(health_pb2.HealthCheckRequest(service="taskservice.v1.TaskService"))
+    assert check.status == health_pb2.HealthCheckResponse.SERVING

@@ -53,6 +53,14 @@ async def test_starts_in_flight_at_sigterm_answer_ok_or_retry_never_cancelled(
     assert codes["UNAVAILABLE"] > 0  # the burst did meet the shutdown
 
 
+async def test_a_burst_of_two_thousand_reads_is_all_answered(stub: pb_grpc.TaskServiceStub) -> None:
+    task = (await stub.Start(start_request("test.echo", 1))).task
+    answers = await asyncio.gather(
+        *(stub.GetStatus(pb.GetStatusRequest(task_id=task.id)) for _ in range(2_000))
+    )
+    assert {a.task.id for a in answers} == {task.id}
+
+
 def test_serve_on_a_taken_port_exits_at_once_with_a_clear_message(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
