@@ -26,7 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="taskservice", description="A gRPC front door for Celery."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the gRPC server (settings from TASKSERVICE_* variables)")
+    serve = commands.add_parser(
+        "serve", help="run the gRPC server (settings from TASKSERVICE_* variables)"
+    )
+    serve.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT); default 1",
+    )
     commands.add_parser("worker", help="run a Celery worker; extra arguments go to `celery worker`")
     dev = commands.add_parser(
         "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
@@ -41,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "serve":
-        return _serve(Settings())
+        return _serve_processes(Settings(), args.processes)
     if args.command == "worker":
         return _worker(extra)
     return _dev(args.concurrency)
@@ -56,6 +64,28 @@ def _serve(settings: Settings) -> int:
         logger.error("%s", error)
         return 1
     return 0
+
+
+def _serve_processes(settings: Settings, count: int) -> int:
+    """`count` server processes on one port: this one and count - 1 children
+    that end with it. The kernel spreads connections over them."""
+    if count <= 1:
+        return _serve(settings)
+    if settings.port == 0:
+        logger.error("--processes needs a fixed TASKSERVICE_PORT, not 0")
+        return 2
+    from service.embedded import tied_to_this_process
+
+    env = {**os.environ, "TASKSERVICE_REUSE_PORT": "true"}
+    command = tied_to_this_process([sys.executable, "-m", "service", "serve"])
+    children = [subprocess.Popen(command, env=env) for _ in range(count - 1)]
+    try:
+        return _serve(settings.model_copy(update={"reuse_port": True}))
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait()
 
 
 def _worker(celery_args: Sequence[str]) -> int:

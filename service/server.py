@@ -115,6 +115,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         health_check_interval=30,
+        client_name=f"{settings.key_prefix}:calls",
     )
     client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     # The subscription waits indefinitely for messages, so it gets a client

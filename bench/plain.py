@@ -1,0 +1,22 @@
+"""The baseline: a plain Celery app, configured like taskservice's but without
+its hooks, lease heartbeat or TrackedTask, with the same no-op task.
+
+    celery -A bench.plain worker ...
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.config import Settings
+from worker.app import celery_config
+
+app = Celery("bench-plain", set_as_current=False)
+_config = celery_config(Settings())
+_config.pop("include")
+app.config_from_object(_config)
+
+
+@app.task(name="plain.noop")
+def noop() -> None:
+    """Do nothing."""

@@ -1,0 +1,12 @@
+"""The task the benchmarks start: it does nothing, so only the machinery is measured."""
+
+from __future__ import annotations
+
+from worker.app import app, expose
+from worker.signals import TrackedTask
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="bench.noop")
+def noop(self: TrackedTask) -> None:
+    """Do nothing."""
