@@ -221,8 +221,25 @@ class Backend:
             task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
         )
         provisional_ms = int(self._settings.provisional_lease * 1000)
+        push = None
+        if self._publisher.direct:
+            message = self._publisher.message(
+                cmd.task_name,
+                task_id,
+                args=cmd.args,
+                kwargs=cmd.kwargs,
+                queue=queue,
+                countdown=cmd.countdown,
+                time_limit=cmd.time_limit,
+                soft_time_limit=cmd.soft_time_limit,
+            )
+            push = (queue, message)
         claim = self._scripts.claim(
-            fields, exclusivity_key=key, provisional_ms=provisional_ms, request=request
+            fields,
+            exclusivity_key=key,
+            provisional_ms=provisional_ms,
+            request=request,
+            push=push,
         )
         try:
             status, detail = await self._run(claim)
@@ -251,6 +268,8 @@ class Backend:
                 exclusivity_key=key,
             )
         accepted = TaskRecord.from_fields(fields)
+        if push is not None:
+            return Started(accepted, already_existed=False)  # enqueued with its claim
         try:
             with self._publisher.admit() as ticket:
                 await self._publish(ticket, cmd, task_id, queue, answer_by)

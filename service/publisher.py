@@ -1,7 +1,10 @@
 """Task messages and revokes to the Celery broker: off the event loop, bounded.
 
-Celery's publish and control calls block, so they run in thread pools: one
-for task messages, one for revokes, so that a stalled broker delaying
+When the broker is the Redis that holds the task records, a Start pushes
+its message in its claim script (`message` builds it exactly as kombu's
+Redis transport would), so it costs one Redis round trip and no thread.
+Otherwise Celery publishes: its calls block, so they run in thread pools,
+one for task messages and one for revokes, so that a stalled broker delaying
 publishes never delays a Cancel. Every wait is bounded: the broker's sockets
 have timeouts (see `worker.app`), a Start waits at most `publish_timeout`
 (or its caller's deadline), and at most `max_pending_publishes` Starts of
@@ -11,14 +14,17 @@ this server may be waiting for the broker; more answer PublishBacklog.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import functools
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from celery import Celery
+from kombu.utils.json import dumps as json_dumps
 
 from service.config import Settings
 from service.errors import BrokerUnavailable, PublishBacklog, broker_error
@@ -52,6 +58,11 @@ class Publisher:
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self._app = app
+        self.direct = settings.effective_broker_url == settings.redis_url and (
+            settings.redis_url.startswith(("redis://", "rediss://", "unix://"))
+        )
+        """Messages go into Redis with the claim (see `message`)."""
+        self._reply_to = app.thread_oid
         self._limit = settings.max_pending_publishes
         self._timeout = settings.publish_timeout
         self._pending = 0
@@ -61,6 +72,50 @@ class Publisher:
     @property
     def default_queue(self) -> str:
         return str(self._app.conf.task_default_queue)
+
+    def message(
+        self,
+        task_name: str,
+        task_id: str,
+        *,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        queue: str,
+        countdown: float | None,
+        time_limit: float | None,
+        soft_time_limit: float | None,
+    ) -> str:
+        """A task message as kombu's Redis transport pushes it on the list
+        named `queue`: Celery's own headers and body (protocol 2), in kombu's
+        envelope, routed by queue name so that a redelivery finds it too."""
+        message = self._app.amqp.create_task_message(
+            task_id,
+            task_name,
+            args,
+            kwargs,
+            countdown=countdown,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            reply_to=self._reply_to,
+            ignore_result=None,  # the task's own setting applies, as with send_task
+        )
+        body = json_dumps(message.body).encode("utf-8")
+        properties = {
+            **message.properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        }
+        envelope = {
+            "body": base64.b64encode(body).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": message.headers,
+            "properties": properties,
+        }
+        return str(json_dumps(envelope))
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[Ticket]:

@@ -130,16 +130,19 @@ end
 
 # KEYS[1] the new record, KEYS[2] the key's holder (only with a key).
 # ARGV[3] task id, ARGV[4] provisional lease (ms), ARGV[5] request key ('' for
-# none), ARGV[6] request fingerprint, ARGV[7] request TTL, ARGV[8..] fields.
+# none), ARGV[6] request fingerprint, ARGV[7] request TTL, ARGV[8] broker list
+# to push the task's message on ('' when the server publishes it itself, then
+# under a provisional lease), ARGV[9] the message, ARGV[10..] fields.
 # -> {'ok', ''} | {'held', holder record JSON} | {'repeat', task id of the
 # earlier Start with this request id} | {'reused', ''} (other parameters)
 _CLAIM = """
 local now = now_ms()
 local id = ARGV[3]
+-- The record exists: this claim was sent again (a retry after a lost reply).
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'ok', ''} end
 local req = ARGV[5]
 if req ~= '' then
   local seen = redis.call('HMGET', req, 'fingerprint', 'task')
-  if seen[2] == id then return {'ok', ''} end  -- this claim, sent again
   if seen[1] then
     if seen[1] ~= ARGV[6] then return {'reused', ''} end
     return {'repeat', seen[2]}
@@ -148,14 +151,13 @@ end
 local prev = false
 if KEYS[2] then
   prev = redis.call('GET', KEYS[2])
-  if prev == id then return {'ok', ''} end  -- this claim, sent again
   if prev then
     local pkey = task_key(prev)
     local state = current(pkey, prev, now)
     if state and ACTIVE[state] then return {'held', (snapshot(pkey))} end
   end
 end
-redis.call('HSET', KEYS[1], 'publishing', '1', unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))
 if prev then redis.call('HSET', KEYS[1], 'prev', prev) end
 redis.call('EXPIRE', KEYS[1], TTL)
 if KEYS[2] then redis.call('SET', KEYS[2], id, 'EX', TTL) end
@@ -164,7 +166,12 @@ if req ~= '' then
   redis.call('HSET', req, 'fingerprint', ARGV[6], 'task', id)
   redis.call('EXPIRE', req, tonumber(ARGV[7]))
 end
-redis.call('ZADD', LEASES, now + tonumber(ARGV[4]), id)
+if ARGV[8] ~= '' then
+  redis.call('LPUSH', ARGV[8], ARGV[9])  -- enqueued with its claim
+else
+  redis.call('HSET', KEYS[1], 'publishing', '1')
+  redis.call('ZADD', LEASES, now + tonumber(ARGV[4]), id)
+end
 return {'ok', ''}
 """
 
@@ -384,7 +391,10 @@ class Scripts:
         exclusivity_key: str,
         provisional_ms: int,
         request: Request | None = None,
+        push: tuple[str, str] | None = None,
     ) -> Call:
+        """With `push` (broker list, message), the message is enqueued in the
+        same step; without, the claim waits provisionally for `confirm`."""
         task_id = fields["id"]
         keys = [record.task_key(self.prefix, task_id)]
         if exclusivity_key:
@@ -397,7 +407,10 @@ class Scripts:
                 request.fingerprint,
                 str(request.ttl),
             ]
-        return self._call(CLAIM, keys, task_id, str(provisional_ms), *request_args, *_pairs(fields))
+        push_args = list(push) if push else ["", ""]
+        return self._call(
+            CLAIM, keys, task_id, str(provisional_ms), *request_args, *push_args, *_pairs(fields)
+        )
 
     def confirm(self, task_id: str) -> Call:
         return self._task(CONFIRM, task_id)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import grpc
 import pytest
@@ -12,6 +14,7 @@ from google.protobuf import duration_pb2
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
+from service.server import Server
 from tests.support.client import error_info, finished, start, start_request, value, watch_all
 from worker import record
 
@@ -235,3 +238,35 @@ async def test_a_stored_result_no_client_could_read_is_reported_not_internal(
     assert status.error.type == "ResultNotRepresentable"
     messages = await watch_all(stub, task.id)
     assert messages[-1].error.type == "ResultNotRepresentable"
+
+
+async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
+    settings: Settings, server: Server
+) -> None:
+    from worker.app import create_publisher
+
+    publisher = server.backend.publisher
+    assert publisher.direct  # the tests' broker is the records' Redis
+    options: dict[str, Any] = {
+        "args": [1, "two"],
+        "kwargs": {"three": [3.5, None]},
+        "queue": "q-kombu",
+        "countdown": 5.0,
+        "time_limit": 9.0,
+        "soft_time_limit": 7.0,
+    }
+    ours = json.loads(publisher.message("test.echo", "id-ours", **options))
+    create_publisher(settings).send_task("test.echo", task_id="id-kombu", **options)
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    try:
+        theirs = json.loads((await client.lrange("q-kombu", 0, -1))[0])
+        await client.delete("q-kombu")
+    finally:
+        await client.aclose()
+    for message in (ours, theirs):
+        message["properties"].pop("delivery_tag")
+        message["properties"].pop("reply_to")  # the sending app's id
+        message["properties"]["correlation_id"] = "id"
+        for header in ("id", "root_id", "eta", "origin"):
+            message["headers"].pop(header)
+    assert ours == theirs
