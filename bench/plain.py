@@ -6,10 +6,16 @@ its hooks, lease heartbeat or TrackedTask, with the same no-op task.
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 
 from service.config import Settings
 from worker.app import celery_config
+
+if "TASKSERVICE_REDIS_URL" not in os.environ:
+    # Never fall back to a default Redis that may be someone else's.
+    raise RuntimeError("bench.plain is imported by bench/run.py, after it set up its own Redis")
 
 app = Celery("bench-plain", set_as_current=False)
 _config = celery_config(Settings())

@@ -19,16 +19,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import grpc
+from typing import Any
 
 from service import errors
 from service.errors import PermissionDenied, Unauthenticated
-from service.interceptors import HEALTH_PREFIX, rewrap
-
-if TYPE_CHECKING:
-    from service.interceptors import Behaviour, Continuation, Handler
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +70,33 @@ def load_tokens(inline: str, file: str) -> list[Token]:
     return tokens
 
 
-class Auth(grpc.aio.ServerInterceptor):
-    """Lets a call through only with a token holding the permission it needs."""
+class Tokens:
+    """The tokens of a server, and what each may do."""
 
     def __init__(self, tokens: list[Token]) -> None:
         self._tokens = tokens
 
-    def _holder(self, metadata: Mapping[str, Any]) -> Token | None:
+    def refusal(self, method: str, metadata: Any) -> errors.TaskServiceError | None:
+        """Why a call of `method` with this metadata may not proceed; None if it may."""
+        token = self._holder(dict(metadata or ()))  # (key, value) pairs
+        needed = _NEEDED.get(method, "read")
+        if token is None:
+            return Unauthenticated(
+                "missing or unknown bearer token: send `authorization: Bearer <token>`"
+            )
+        if needed not in token.permissions:
+            logger.info("token %r may not %s (%s)", token.name, needed, method)
+            return PermissionDenied(
+                f"this token may not {needed}; it may: {', '.join(sorted(token.permissions))}",
+                permission=needed,
+            )
+        return None
+
+    def _holder(self, metadata: Mapping[str, str | bytes]) -> Token | None:
         presented = metadata.get("authorization", "")
         if isinstance(presented, bytes):
             presented = presented.decode("latin-1")
-        scheme, _, secret = str(presented).partition(" ")
+        scheme, _, secret = presented.partition(" ")
         if scheme.lower() != "bearer" or not secret:
             return None
         found = None
@@ -95,43 +105,3 @@ class Auth(grpc.aio.ServerInterceptor):
             if hmac.compare_digest(token.secret, candidate):
                 found = token
         return found
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        token = self._holder(metadata)
-        needed = _NEEDED.get(method, "read")
-        error: errors.TaskServiceError | None = None
-        if token is None:
-            error = Unauthenticated(
-                "missing or unknown bearer token: send `authorization: Bearer <token>`"
-            )
-        elif needed not in token.permissions:
-            logger.info("token %r may not %s (%s)", token.name, needed, method)
-            error = PermissionDenied(
-                f"this token may not {needed}; it may: {', '.join(sorted(token.permissions))}",
-                permission=needed,
-            )
-        if error is None:
-            return handler
-        refusal = error
-
-        def refuse(_: Behaviour) -> Behaviour:
-            async def refused(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await context.abort_with_status(errors.to_status(refusal))
-
-            return refused
-
-        def refuse_stream(_: Behaviour) -> Behaviour:
-            async def refused(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await context.abort_with_status(errors.to_status(refusal))
-                yield  # never reached; makes this a generator, as streams are
-
-            return refused
-
-        return rewrap(handler, refuse, refuse_stream)

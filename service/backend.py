@@ -22,9 +22,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import redis.exceptions
-from redis.commands.core import AsyncScript
 
 from service.config import Settings
 from service.errors import (
@@ -42,6 +40,7 @@ from service.errors import (
 )
 from service.hub import EventHub, Mailbox, Marker
 from service.publisher import Publisher, Ticket
+from service.redis_link import RedisLink
 from worker import record
 from worker.app import MAX_COUNTDOWN
 from worker.record import TaskRecord
@@ -110,17 +109,16 @@ class Backend:
         settings: Settings,
         registry: TaskRegistry,
         publisher: Publisher,
-        client: aioredis.Redis,
+        link: RedisLink,
         hub: EventHub,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._publisher = publisher
-        self._redis = client
+        self._redis = link
         self._hub = hub
         self._prefix = settings.key_prefix
         self._scripts = Scripts(settings.key_prefix, settings.record_ttl)
-        self._loaded: dict[str, AsyncScript] = {}
 
     @property
     def hub(self) -> EventHub:
@@ -133,12 +131,12 @@ class Backend:
     async def close(self) -> None:
         await self._hub.close()
         self._publisher.close()
-        await self._redis.aclose()
+        self._redis.close()
 
     async def ping(self) -> bool:
         """True if Redis answers and the event subscription is up."""
         try:
-            return bool(await self._redis.ping()) and self._hub.connected
+            return await self._redis.execute("PING") == "PONG" and self._hub.connected
         except (redis.exceptions.RedisError, OSError):
             return False
 
@@ -146,10 +144,7 @@ class Backend:
         return self._registry.types()
 
     async def _run(self, call: Call) -> Any:
-        script = self._loaded.get(call.script)
-        if script is None:
-            script = self._loaded[call.script] = self._redis.register_script(call.script)
-        return await script(keys=call.keys, args=call.args)
+        return await self._redis.script(call)
 
     async def _persist(self, call: Call) -> Any:
         """Run a script, retrying through a Redis restart or failover for up
@@ -187,8 +182,12 @@ class Backend:
         answer_by = None
         if cmd.time_remaining is not None:
             answer_by = asyncio.get_running_loop().time() + cmd.time_remaining
-        # Once started, a Start runs to its end even if the caller goes away:
-        # a claim is either confirmed (the broker has the message) or
+        if self._publisher.direct:
+            # One script, claim and message together: it ran or it did not,
+            # so there is nothing to finish if the caller goes away.
+            return await self._start(cmd, task_type, answer_by, request)
+        # A Start that publishes runs to its end even if the caller goes
+        # away: its claim is either confirmed (the broker has the message) or
         # abandoned (the key goes back), never left to its provisional lease.
         return await _shielded(self._start(cmd, task_type, answer_by, request))
 
@@ -420,7 +419,7 @@ class Backend:
     async def resolve_key(self, key: str) -> str:
         """The id of the current (else the latest) task under `key`."""
         check_exclusivity_key(key)
-        task_id = await self._redis.get(record.holder_key(self._prefix, key))
+        task_id = await self._redis.execute("GET", record.holder_key(self._prefix, key))
         if not task_id:
             raise KeyNotFound(
                 f"no task has run under exclusivity key {key!r} (or its record expired)",
@@ -437,7 +436,8 @@ class Backend:
         request = self._request(request_id, "Cancel", task_id, mode)
         if request is not None:
             key = record.request_key(self._prefix, request.id)
-            seen: dict[str, str] = await self._redis.hgetall(key)  # type: ignore[assignment]
+            flat = await self._redis.execute("HGETALL", key)
+            seen = dict(zip(flat[::2], flat[1::2], strict=True))
             if seen:
                 if seen.get("fingerprint") != request.fingerprint:
                     raise _reused(request)
@@ -445,12 +445,7 @@ class Backend:
         # Like Start: a recorded cancel request is always followed by its revoke.
         rec = await _shielded(self._cancel(task_id, mode))
         if request is not None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    key, mapping={"fingerprint": request.fingerprint, "response": rec.to_json()}
-                )
-                pipe.expire(key, request.ttl)
-                await pipe.execute()
+            await self._run(self._scripts.remember(request, rec.to_json()))
         return rec
 
     async def _cancel(self, task_id: str, mode: str) -> TaskRecord:
@@ -552,10 +547,11 @@ class Backend:
     async def _changes(self, task_id: str, after: int, upto: int) -> list[TaskRecord]:
         """The task's changes after sequence `after` up to `upto`, in order,
         from its log; [] if the log no longer has them all."""
-        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrange(  # type: ignore[assignment]
-            record.log_key(self._prefix, task_id)
+        entries = await self._redis.execute(
+            "XRANGE", record.log_key(self._prefix, task_id), "-", "+"
         )
-        changes = [TaskRecord.from_json(fields["r"]) for _, fields in entries]
+        # Each entry is [id, [field, value]]; the one field holds the record.
+        changes = [TaskRecord.from_json(fields[1]) for _, fields in entries]
         wanted = [c for c in changes if after < c.sequence <= upto]
         if not wanted or wanted[0].sequence != after + 1:
             return []

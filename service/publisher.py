@@ -18,6 +18,7 @@ import base64
 import concurrent.futures
 import contextlib
 import functools
+import reprlib
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,10 @@ from service.errors import BrokerUnavailable, PublishBacklog, broker_error
 T = TypeVar("T")
 
 PUBLISH_THREADS = 8
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200
+_REPR.maxlong = 100
 CONTROL_THREADS = 2
 
 
@@ -98,6 +103,10 @@ class Publisher:
             soft_time_limit=soft_time_limit,
             reply_to=self._reply_to,
             ignore_result=None,  # the task's own setting applies, as with send_task
+            # What worker logs show; reprlib's bounded repr costs a fraction
+            # of Celery's saferepr.
+            argsrepr=_REPR.repr(args),
+            kwargsrepr=_REPR.repr(kwargs),
         )
         body = json_dumps(message.body).encode("utf-8")
         properties = {

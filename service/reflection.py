@@ -8,12 +8,15 @@ files instead, so the field comments (the API docs) reach grpcurl users.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 import grpc
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from service.guard import Guard
 
 
 def _documented_files() -> dict[str, bytes]:
@@ -62,9 +65,13 @@ class DocumentedReflectionServicer(ReflectionServicer):
         return response
 
 
-def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
-    """Serve reflection (v1alpha, which grpcurl speaks) for `service_names`."""
-    names = (*service_names, reflection.SERVICE_NAME)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
-        DocumentedReflectionServicer(names), server
+def add_reflection(
+    server: grpc.aio.Server, service_names: tuple[str, ...], *, guard: Guard
+) -> None:
+    """Serve reflection (v1alpha, which grpcurl speaks) for `service_names`,
+    through `guard` (it needs a read token when tokens are set)."""
+    servicer = DocumentedReflectionServicer((*service_names, reflection.SERVICE_NAME))
+    guard.add(
+        server,
+        functools.partial(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, servicer),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import signal
@@ -14,27 +15,21 @@ import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.auth import Auth, Token, load_tokens
+from service.auth import Token, Tokens, load_tokens
 from service.backend import Backend
 from service.config import Settings
+from service.guard import Guard
 from service.hub import EventHub
-from service.interceptors import Decoding, Gate
 from service.publisher import Publisher
+from service.redis_link import RedisLink
 from service.reflection import add_reflection
 from service.servicer import TaskServiceServicer
 from worker import record
 
 logger = logging.getLogger(__name__)
-
-REDIS_CONNECTIONS = 32
-"""Redis connections of a server process for calls (the event subscription
-has one more): a Redis round trip takes well under a millisecond, so a few
-serve thousands of calls a second."""
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
 
@@ -59,7 +54,7 @@ class Server:
     port: int
     backend: Backend
     health: health.aio.HealthServicer
-    gate: Gate
+    guard: Guard
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -72,11 +67,11 @@ class Server:
             task.cancel()
         # Tell health watchers first, so load balancers stop sending calls.
         await self.health.enter_graceful_shutdown()
-        self.gate.drain()
+        self.guard.drain()
         await self.backend.hub.close()
         # gRPC's own stop cancels calls it has received but not yet handed
         # to a handler; refusing them ourselves first leaves it none.
-        await self.gate.drained(max(0.0, until - loop.time()))
+        await self.guard.drained(max(0.0, until - loop.time()))
         await self.server.stop(max(0.0, until - loop.time()))
         await self.backend.close()
 
@@ -100,24 +95,13 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     registry.load(settings.task_modules)
     if not settings.task_modules:
         logger.warning("no task modules (TASKSERVICE_TASKS): nothing can be started")
-    pool = aioredis.BlockingConnectionPool.from_url(
+    # Every call of this process shares one pipelined connection; the event
+    # subscription has one more. A few connections serve any burst.
+    link = RedisLink(
         settings.redis_url,
-        decode_responses=True,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        # A burst of calls waits for one of a few connections rather than
-        # opening thousands (or failing with "Too many connections").
-        max_connections=REDIS_CONNECTIONS,
         timeout=settings.redis_timeout,
-        # After a Redis restart every pooled connection is stale: reconnect
-        # and retry rather than fail the call (every script is safe to run
-        # twice), and check connections that sat idle before using them.
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=3),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        health_check_interval=30,
         client_name=f"{settings.key_prefix}:calls",
     )
-    client = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
     # The subscription waits indefinitely for messages, so it gets a client
     # without a read timeout.
     sub_client = aioredis.Redis.from_url(
@@ -130,21 +114,17 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     hub = EventHub(sub_client, record.events_channel(settings.key_prefix))
     await hub.start(wait=settings.redis_timeout)
     publisher = Publisher(create_publisher(settings), settings)
-    backend = Backend(settings, registry, publisher, client, hub)
+    backend = Backend(settings, registry, publisher, link, hub)
 
-    gate = Gate()
-    interceptors: list[grpc.aio.ServerInterceptor] = [Decoding(), gate]
-    if tokens:
-        interceptors.insert(0, Auth(tokens))
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
+    guard = Guard(Tokens(tokens) if tokens else None)
+    server = grpc.aio.server(options=server_options(settings))
     servicer = TaskServiceServicer(backend, tracebacks=not settings.hide_tracebacks)
-    pb_grpc.add_TaskServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
+    guard.add(server, functools.partial(pb_grpc.add_TaskServiceServicer_to_server, servicer))
+    health_servicer = health.aio.HealthServicer()  # unguarded: probes always get an answer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
-        add_reflection(
-            server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-        )
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        add_reflection(server, names, guard=guard)
     address = f"{settings.host}:{settings.port if port is None else port}"
     try:
         if credentials is None:
@@ -158,7 +138,9 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
             "another TASKSERVICE_PORT, or set TASKSERVICE_REUSE_PORT=true to share it on purpose"
         ) from None
     await server.start()
-    running = Server(server=server, port=bound, backend=backend, health=health_servicer, gate=gate)
+    running = Server(
+        server=server, port=bound, backend=backend, health=health_servicer, guard=guard
+    )
     await _report_health(backend, health_servicer)
     running._tasks += [
         asyncio.create_task(_health_loop(backend, health_servicer, settings.health_interval)),

@@ -1,11 +1,18 @@
-"""TaskService handlers: translate proto <-> domain, nothing more."""
+"""TaskService handlers: translate proto <-> domain, nothing more.
+
+Handlers answering with a task return its serialized response (service.guard
+sends bytes as they are), so each change is encoded once however many
+callers receive it.
+
+Errors are raised as they are; service.guard, which every call goes through,
+turns each into its gRPC status (service.errors.to_status)."""
 
 from __future__ import annotations
 
-import functools
+import collections
 import inspect
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
@@ -35,36 +42,8 @@ _PARAMETER_KINDS: dict[Any, pb.ParameterKind.ValueType] = {
 }
 
 
-def _unary(
-    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
-    @functools.wraps(handler)
-    async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except Exception as exc:  # every error leaves through errors.to_status
-            await context.abort_with_status(errors.to_status(exc))
-            raise AssertionError("unreachable") from None
-
-    return wrapper
-
-
-def _streaming(
-    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
-    @functools.wraps(handler)
-    async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> AsyncIterator[Resp]:
-        try:
-            async for item in handler(self, request, context):
-                yield item
-        except Exception as exc:
-            await context.abort_with_status(errors.to_status(exc))
-
-    return wrapper
+ANSWERS_KEPT = 4096
+"""Serialized answers the servicer keeps (the latest changes of busy tasks)."""
 
 
 class TaskServiceServicer(pb_grpc.TaskServiceServicer):
@@ -73,11 +52,13 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     def __init__(self, backend: Backend, *, tracebacks: bool = True) -> None:
         self._backend = backend
         self._tracebacks = tracebacks
+        # Serialized answers by (task id, sequence): a change watched by a
+        # thousand streams is encoded once, not a thousand times.
+        self._answers: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
 
-    @_unary
-    async def Start(
+    async def Start(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.StartResponse:
+    ) -> bytes:
         if request.conflict_policy not in pb.ConflictPolicy.values():
             raise errors.InvalidArgument(f"unknown conflict_policy {request.conflict_policy}")
         options = request.options
@@ -100,36 +81,33 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
                 request_id=request.request_id,
             )
         )
-        return pb.StartResponse(
-            task=self._task(started.record), already_existed=started.already_existed
-        )
+        answer = self._answer(started.record)
+        # StartResponse.already_existed is field 2, a bool.
+        return answer + b"\x10\x01" if started.already_existed else answer
 
-    @_unary
-    async def GetStatus(
+    async def GetStatus(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetStatusResponse:
+    ) -> bytes:
         task_id = await self._select(request)
-        return pb.GetStatusResponse(task=self._task(await self._backend.get(task_id)))
+        return self._answer(await self._backend.get(task_id))
 
-    @_unary
-    async def Cancel(
+    async def Cancel(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CancelResponse:
+    ) -> bytes:
         mode = CANCEL_MODES.get(request.mode)
         if mode is None:
             raise errors.InvalidArgument(f"unknown cancel mode {request.mode}")
-        rec = await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
-        return pb.CancelResponse(task=self._task(rec))
+        return self._answer(
+            await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
+        )
 
-    @_streaming
-    async def WatchStatus(
+    async def WatchStatus(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.WatchStatusResponse]:
+    ) -> AsyncIterator[bytes]:
         task_id = await self._select(request)
         async for rec in self._backend.watch(task_id, request.after_sequence):
-            yield pb.WatchStatusResponse(task=self._task(rec))
+            yield self._answer(rec)
 
-    @_unary
     async def ListTaskTypes(
         self, request: pb.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListTaskTypesResponse:
@@ -137,8 +115,18 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
             task_types=[task_type_message(t) for t in self._backend.task_types()]
         )
 
-    def _task(self, rec: TaskRecord) -> pb.Task:
-        return task_message(rec, traceback=self._tracebacks)
+    def _answer(self, rec: TaskRecord) -> bytes:
+        """A response whose field 1 is the task: the encoding GetStatusResponse,
+        WatchStatusResponse, CancelResponse and StartResponse share."""
+        key = (rec.id, rec.sequence)
+        answer = self._answers.get(key)
+        if answer is None:
+            task = task_message(rec, traceback=self._tracebacks)
+            answer = bytes(pb.GetStatusResponse(task=task).SerializeToString())
+            self._answers[key] = answer
+            if len(self._answers) > ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+        return answer
 
     async def _select(self, request: pb.GetStatusRequest | pb.WatchStatusRequest) -> str:
         which = request.WhichOneof("selector")

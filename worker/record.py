@@ -23,9 +23,11 @@ Keys:
                                             worker holds unstarted, and Starts
                                             whose message is not yet confirmed
                                             in the broker
-    <prefix>:log:{<task id>}         STREAM the record after each change (its
-                                            last LOG_LENGTH or so), so a watch
-                                            can resume from a sequence number
+    <prefix>:log:{<task id>}         STREAM the record after each change but
+                                            the terminal one (which stays the
+                                            record): the last LOG_LENGTH or so,
+                                            so a watch can resume from a
+                                            sequence number
     <prefix>:request:{<request id>}  HASH   what a request id was used for
                                             (fingerprint, task, response), so
                                             a retried call is answered alike
@@ -88,7 +90,7 @@ def clip_end(text: str, limit: int) -> str:
 
 
 def unrepresentable(value: Any, depth: int = 1) -> str:
-    """Why a decoded JSON value cannot be a google.protobuf.Value that every
+    """Why a JSON-encodable value cannot be a google.protobuf.Value that every
     client can decode; "" if it can."""
     if depth > MAX_JSON_DEPTH:
         return f"it nests deeper than {MAX_JSON_DEPTH} levels"
@@ -100,7 +102,12 @@ def unrepresentable(value: Any, depth: int = 1) -> str:
         except OverflowError:
             return "it holds an integer beyond the range of a double"
         return ""
-    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, dict):
+        items: Any = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return ""  # what kombu's JSON encoder turns into a string (dates, UUIDs)
     for item in items:
         problem = unrepresentable(item, depth + 1)
         if problem:

@@ -50,14 +50,17 @@ local function snapshot(rkey)
 end
 
 -- A change: bump the sequence, keep the record for TTL from now, append it
--- to the task's log (so a watch can resume) and tell watchers.
-local function commit(rkey)
+-- to the task's log (so a watch can resume; a terminal change need not be:
+-- it stays the record itself) and tell watchers.
+local function commit(rkey, terminal)
   redis.call('HINCRBY', rkey, 'seq', 1)
   redis.call('EXPIRE', rkey, TTL)
   local payload, rec = snapshot(rkey)
-  local log = PREFIX .. ':log:{' .. rec['id'] .. '}'
-  redis.call('XADD', log, 'MAXLEN', '~', LOG_LENGTH, '*', 'r', payload)
-  redis.call('EXPIRE', log, TTL)
+  if not terminal then
+    local log = PREFIX .. ':log:{' .. rec['id'] .. '}'
+    redis.call('XADD', log, 'MAXLEN', '~', LOG_LENGTH, '*', 'r', payload)
+    redis.call('EXPIRE', log, TTL)
+  end
   redis.call('PUBLISH', CHANNEL, rec['id'] .. ' ' .. payload)
   return payload
 end
@@ -77,7 +80,7 @@ local function finish(rkey, id, state, fields)
   redis.call('HSET', rkey, 'state', state, unpack(fields))
   redis.call('HDEL', rkey, 'publishing')
   redis.call('ZREM', LEASES, id)
-  return commit(rkey)
+  return commit(rkey, true)
 end
 
 -- A Start whose message never reached the broker: give the exclusivity key
@@ -340,6 +343,14 @@ end
 return {ended, #due}
 """
 
+# Remember a call's answer under its request id. KEYS[1] request key.
+# ARGV[3] fingerprint, ARGV[4] response, ARGV[5] TTL.
+_REMEMBER = """
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[3], 'response', ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return 1
+"""
+
 CLAIM = _PRELUDE + _CLAIM
 CONFIRM = _PRELUDE + _CONFIRM
 ABANDON = _PRELUDE + _ABANDON
@@ -350,6 +361,7 @@ READ = _PRELUDE + _READ
 RENEW = _PRELUDE + _RENEW
 RELEASE = _PRELUDE + _RELEASE
 SWEEP = _PRELUDE + _SWEEP
+REMEMBER = _PRELUDE + _REMEMBER
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +459,10 @@ class Scripts:
 
     def release(self, task_ids: Iterable[str]) -> Call:
         return self._call(RELEASE, [record.leases_key(self.prefix)], *task_ids)
+
+    def remember(self, request: Request, response: str) -> Call:
+        key = record.request_key(self.prefix, request.id)
+        return self._call(REMEMBER, [key], request.fingerprint, response, str(request.ttl))
 
     def sweep(self, limit: int) -> Call:
         return self._call(SWEEP, [record.leases_key(self.prefix)], str(limit))

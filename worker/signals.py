@@ -20,7 +20,6 @@ Redis restart or failover does not lose it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -147,7 +146,7 @@ class Reporter:
                 "results elsewhere and return a reference",
             )
             return
-        problem = record.unrepresentable(json.loads(encoded))
+        problem = record.unrepresentable(result)
         if problem:
             self.fail(task_id, "ResultNotRepresentable", problem)
             return
@@ -174,6 +173,11 @@ def _reporter(app: Celery) -> Reporter | None:
 
 class TrackedTask(Task):  # type: ignore[type-arg]
     """Base class of taskservice tasks: keeps the task's record current."""
+
+    # The record carries the outcome; storing it in Celery's result backend
+    # too would encode and write every result twice. A task that AsyncResult
+    # callers read sets ignore_result=False.
+    ignore_result = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
@@ -231,7 +235,8 @@ class TrackedTask(Task):  # type: ignore[type-arg]
         meta: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().update_state(task_id, state, meta, **kwargs)
+        if not self.ignore_result:
+            super().update_state(task_id, state, meta, **kwargs)
         task_id = task_id or self.request.id
         reporter = _reporter(self.app)
         if state == "PROGRESS" and task_id and reporter is not None:

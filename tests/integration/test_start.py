@@ -17,6 +17,7 @@ from service.config import Settings
 from service.server import Server
 from tests.support.client import error_info, finished, start, start_request, value, watch_all
 from worker import record
+from worker.scripts import Scripts
 
 
 async def test_start_runs_the_task_and_returns_its_result(
@@ -231,7 +232,10 @@ async def test_a_stored_result_no_client_could_read_is_reported_not_internal(
     try:
         # As a worker of another version might have stored it.
         deep = "[" * 60 + "]" * 60
-        await client.hset(record.task_key(settings.key_prefix, task.id), "result", deep)
+        change = Scripts(settings.key_prefix, settings.record_ttl).transition(
+            task.id, {record.SUCCESS}, "", {"result": deep}
+        )
+        await client.register_script(change.script)(keys=change.keys, args=change.args)
     finally:
         await client.aclose()
     status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task

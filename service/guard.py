@@ -1,0 +1,223 @@
+"""What every call of a guarded service goes through before its handler.
+
+In order: the token check (when tokens are set, see service.auth), decoding,
+the drain gate.
+
+- Decoding: a request that fails to decode (bytes that are not protobuf,
+  invalid UTF-8, JSON nested deeper than protobuf's recursion limit) answers
+  INVALID_ARGUMENT saying why, instead of gRPC's UNKNOWN "Unexpected
+  DecodeError" raised before any handler runs.
+- The gate counts the calls in flight; once the server drains, new calls
+  answer UNAVAILABLE/SHUTTING_DOWN at once while those already admitted
+  finish.
+- Whatever a handler raises leaves as its gRPC status (errors.to_status).
+
+The guard wraps each method's handler once, when the service is added
+(`Guard.add`), rather than as a gRPC interceptor: an interceptor runs per
+call, through grpc.aio's interceptor pipeline, and measurably slows every
+call. The health service is added unguarded, so probes always get an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from service import errors
+from service.auth import Tokens
+
+if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+QUIET = 0.1
+"""Seconds without a new call after which a draining server stops."""
+
+_DECODE_REASONS = (
+    (
+        "MaxDepth",
+        "a JSON value is nested too deeply (objects may nest at most 32 levels, lists 48)",
+    ),
+    ("UTF-8", "a string field is not valid UTF-8"),
+)
+
+
+class Undecodable:
+    """Stands in for a request whose bytes did not decode."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """`serializer`, except that a handler's already serialized answer passes."""
+    if serializer is None:
+        return None
+
+    def serialize(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serializer(response)
+
+    return serialize
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            text = str(error)
+            for marker, reason in _DECODE_REASONS:
+                if marker in text:
+                    return Undecodable(reason)
+            return Undecodable("the request is not a valid protobuf message of the method's type")
+
+    return deserialize
+
+
+class _Capture:
+    """Stands in for a server to a generated `add_XServicer_to_server`."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: Mapping[str, Handler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Handler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+class Guard:
+    """The call policy of one server: tokens, decoding, the drain gate."""
+
+    def __init__(self, tokens: Tokens | None = None) -> None:
+        self._tokens = tokens
+        self._draining = False
+        self._in_flight = 0
+        self._last_call = 0.0
+
+    def add(self, server: grpc.aio.Server, register: Callable[[Any], None]) -> None:
+        """Add a service to `server`, each method guarded. `register` is a
+        generated `add_XServicer_to_server` with its servicer bound."""
+        capture = _Capture()
+        register(capture)
+        guarded = {
+            name: self._wrap(f"/{capture.service}/{name}", handler)
+            for name, handler in capture.handlers.items()
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(capture.service, guarded),)
+        )
+        server.add_registered_method_handlers(capture.service, guarded)
+
+    def drain(self) -> None:
+        """From now on, refuse new calls (UNAVAILABLE/SHUTTING_DOWN)."""
+        self._draining = True
+
+    async def drained(self, within: float) -> bool:
+        """Wait up to `within` seconds until the admitted calls have finished
+        and no call has arrived for QUIET seconds. gRPC's own stop cancels the
+        calls it holds but has not yet handed to the server (CANCELLED, not
+        retryable); a quiet moment means it holds none."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + within
+        while self._in_flight or loop.time() - self._last_call < QUIET:
+            if loop.time() >= until:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def _refusal(
+        self, method: str, request: Any, context: Context
+    ) -> errors.TaskServiceError | None:
+        """Why this call may not proceed; None if it may (then it is admitted)."""
+        self._last_call = asyncio.get_running_loop().time()
+        if self._tokens is not None:
+            refusal = self._tokens.refusal(method, context.invocation_metadata())
+            if refusal is not None:
+                return refusal
+        if isinstance(request, Undecodable):
+            return errors.InvalidArgument(request.reason)
+        if self._draining:
+            return errors.ShuttingDown("the server is shutting down; call again (another server)")
+        self._in_flight += 1
+        return None
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        deserializer = _safe(handler.request_deserializer)
+        serializer = _passing_bytes(handler.response_serializer)
+        if handler.unary_unary is not None:
+            behaviour: Any = handler.unary_unary  # an async handler; the stubs say sync
+
+            async def unary(request: Any, context: Context) -> Any:
+                refusal = self._refusal(method, request, context)
+                if refusal is not None:
+                    await context.abort_with_status(errors.to_status(refusal))
+                try:
+                    return await behaviour(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:  # every error leaves through to_status
+                    await context.abort_with_status(errors.to_status(error))
+                finally:
+                    self._in_flight -= 1
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=deserializer, response_serializer=serializer
+            )
+        if handler.unary_stream is not None:
+            streaming: Any = handler.unary_stream
+
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                refusal = self._refusal(method, request, context)
+                if refusal is not None:
+                    await context.abort_with_status(errors.to_status(refusal))
+                try:
+                    async for response in _responses(streaming(request, context)):
+                        yield response
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as error:
+                    await context.abort_with_status(errors.to_status(error))
+                finally:
+                    self._in_flight -= 1
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=deserializer, response_serializer=serializer
+            )
+        if handler.stream_stream is not None:  # reflection: only tokens apply
+            bidi: Any = handler.stream_stream
+
+            async def both(requests: Any, context: Context) -> AsyncIterator[Any]:
+                if self._tokens is not None:
+                    refusal = self._tokens.refusal(method, context.invocation_metadata())
+                    if refusal is not None:
+                        await context.abort_with_status(errors.to_status(refusal))
+                async for response in _responses(bidi(requests, context)):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                both,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _responses(outcome: Any) -> AsyncIterator[Any]:
+    """A streaming handler's responses, whether it yields them or writes them
+    with `context.write` and returns."""
+    if hasattr(outcome, "__aiter__"):
+        async for response in outcome:
+            yield response
+    else:
+        await outcome

@@ -1,0 +1,231 @@
+"""One Redis connection that every call of a server shares, pipelined.
+
+Each command is written at once and its reply matched in order (Redis
+answers in order), so concurrent calls share one connection without a pool:
+no connection is checked out or waited for, writes issued in the same loop
+iteration leave in one packet, and hiredis parses the replies. Measured on
+this machine kind: about 10 us of client CPU per script call, against 60-100
+us through redis-py's pools.
+
+Failure: a lost connection fails every call waiting on it with a
+redis.exceptions.ConnectionError; one reply later than `timeout` fails them
+with TimeoutError (a pipeline cannot skip a reply), and the next call
+reconnects. Calls retry such errors a few times, with backoff: every script
+of taskservice is safe to run twice. Error replies become redis-py's own
+exception classes, so service/errors.py maps them as it maps redis-py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+from typing import Any
+
+import hiredis
+import redis.exceptions
+from redis.connection import parse_url
+
+from worker.scripts import Call
+
+logger = logging.getLogger(__name__)
+
+RETRIES = 3
+"""Attempts of a call after a connection error or timeout, with backoff."""
+
+_ERRORS: dict[str, type[redis.exceptions.RedisError]] = {
+    "NOSCRIPT": redis.exceptions.NoScriptError,
+    "READONLY": redis.exceptions.ReadOnlyError,
+    "OOM": redis.exceptions.OutOfMemoryError,
+    "LOADING": redis.exceptions.BusyLoadingError,
+    "NOAUTH": redis.exceptions.AuthenticationError,
+    "WRONGPASS": redis.exceptions.AuthenticationError,
+    "NOPERM": redis.exceptions.NoPermissionError,
+    "TRYAGAIN": redis.exceptions.TryAgainError,
+    "EXECABORT": redis.exceptions.ExecAbortError,
+}
+
+
+def _error(message: str) -> redis.exceptions.RedisError:
+    """redis-py's exception for an error reply (`BUSY ...` stays a ResponseError
+    carrying its code, as redis-py leaves it)."""
+    code, _, rest = message.partition(" ")
+    cls = _ERRORS.get(code)
+    return cls(rest) if cls is not None else redis.exceptions.ResponseError(message)
+
+
+def _raised(reply: Any) -> Any:
+    if isinstance(reply, redis.exceptions.RedisError):
+        raise reply
+    return reply
+
+
+def _command(args: tuple[Any, ...]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace", replyError=_error)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            self._link._answer(self, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link._lost(
+            self, redis.exceptions.ConnectionError(f"Redis closed the connection: {exc}")
+        )
+
+
+class RedisLink:
+    """A pipelined connection to the Redis at `url` (see the module)."""
+
+    def __init__(self, url: str, *, timeout: float, client_name: str = "") -> None:
+        self._options = parse_url(url)  # type: ignore[no-untyped-call]
+        self._tls = url.startswith("rediss://")
+        self._timeout = timeout
+        self._client_name = client_name
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._shas: dict[str, str] = {}
+
+    async def execute(self, *args: Any) -> Any:
+        """Run one command and return its reply (retrying a lost connection)."""
+        delay = 0.05
+        for attempt in range(RETRIES + 1):
+            try:
+                return await self._send(args)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+                if attempt == RETRIES or isinstance(error, redis.exceptions.AuthenticationError):
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def script(self, call: Call) -> Any:
+        """Run a script by its SHA, loading it first if Redis does not know it."""
+        sha = self._shas.get(call.script)
+        if sha is None:
+            sha = self._shas[call.script] = str(await self.execute("SCRIPT", "LOAD", call.script))
+        try:
+            return await self.execute("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+        except redis.exceptions.NoScriptError:  # Redis restarted, or SCRIPT FLUSH
+            return await self.execute("EVAL", call.script, len(call.keys), *call.keys, *call.args)
+
+    def close(self) -> None:
+        if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
+        self._fail(redis.exceptions.ConnectionError("the Redis link was closed"))
+
+    async def _send(self, args: tuple[Any, ...]) -> Any:
+        protocol = self._protocol or await self._connect()
+        return _raised(await self._write(protocol, args))
+
+    def _write(self, protocol: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Send a command; the future gets its reply (in order)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((future, loop.time()))
+        assert protocol.transport is not None
+        protocol.transport.write(_command(args))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout, self._check)
+        return future
+
+    async def _connect(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(self._connecting)
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        options = self._options
+        context = ssl.create_default_context() if self._tls else None
+        try:
+            if "path" in options:
+                connecting = loop.create_unix_connection(lambda: _Protocol(self), options["path"])
+            else:
+                connecting = loop.create_connection(
+                    lambda: _Protocol(self),
+                    options.get("host", "localhost"),
+                    options.get("port", 6379),
+                    ssl=context,
+                )
+            _, protocol = await asyncio.wait_for(connecting, self._timeout)
+        except (OSError, TimeoutError) as error:
+            raise redis.exceptions.ConnectionError(f"cannot connect to Redis: {error}") from None
+        setup: list[tuple[Any, ...]] = []
+        if options.get("password"):
+            user = options.get("username")
+            setup.append(
+                ("AUTH", user, options["password"]) if user else ("AUTH", options["password"])
+            )
+        if options.get("db"):
+            setup.append(("SELECT", options["db"]))
+        if self._client_name:
+            setup.append(("CLIENT", "SETNAME", self._client_name))
+        # Written before any call can see the connection, so every call
+        # follows AUTH and SELECT in the pipeline.
+        replies = [self._write(protocol, command) for command in setup]
+        self._protocol = protocol
+        try:
+            for reply in replies:
+                _raised(await reply)
+        except redis.exceptions.RedisError:
+            self.close()
+            raise
+        self._shas.clear()  # a new server (a restart) may not know them
+        return protocol
+
+    def _answer(self, protocol: _Protocol, reply: Any) -> None:
+        if protocol is not self._protocol or not self._waiting:
+            return
+        future, _ = self._waiting.popleft()
+        if not future.done():
+            future.set_result(reply)
+
+    def _lost(self, protocol: _Protocol, error: redis.exceptions.RedisError) -> None:
+        if protocol is self._protocol:
+            self._protocol = None
+            self._fail(error)
+
+    def _fail(self, error: redis.exceptions.RedisError) -> None:
+        while self._waiting:
+            future, _ = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def _check(self) -> None:
+        """The watchdog: a reply overdue by `timeout` breaks the connection."""
+        self._watchdog = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        overdue = loop.time() - self._waiting[0][1] - self._timeout
+        if overdue >= 0:
+            logger.warning("Redis did not answer within %gs; reconnecting", self._timeout)
+            protocol, self._protocol = self._protocol, None
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.abort()
+            self._fail(redis.exceptions.TimeoutError(f"Redis did not answer in {self._timeout:g}s"))
+        else:
+            self._watchdog = loop.call_later(-overdue, self._check)
