@@ -37,6 +37,7 @@ match wins. Hierarchy (code, then reason = the class's `reason`):
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 import kombu.exceptions
@@ -300,6 +301,21 @@ def to_status(exc: BaseException) -> grpc.Status:
     a caller receives for `exc`. Texts are cut, so no input a caller sent can
     swell the trailers past gRPC's metadata limit."""
     error = translate(exc)
+    key = (type(error), error.message, tuple(error.metadata.items()), tuple(error.violations))
+    status = _STATUSES.get(key)
+    if status is None:
+        # The same refusal often repeats (a storm of Starts on one held key).
+        status = _STATUSES[key] = _status(error)
+        if len(_STATUSES) > STATUSES_KEPT:
+            _STATUSES.pop(next(iter(_STATUSES)))
+    return status
+
+
+STATUSES_KEPT = 256
+_STATUSES: dict[tuple[Any, ...], grpc.Status] = {}
+
+
+def _status(error: TaskServiceError) -> grpc.Status:
     metadata = {key: cut(value, 200) for key, value in error.metadata.items()}
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata)
     status = status_pb2.Status(code=_CODES[error.code], message=cut(error.message, 1000))

@@ -182,8 +182,12 @@ class Guard:
                 if refusal is not None:
                     await context.abort_with_status(errors.to_status(refusal))
                 try:
-                    async for response in _responses(streaming(request, context)):
-                        yield response
+                    outcome = streaming(request, context)
+                    if hasattr(outcome, "__aiter__"):  # one generator less per message
+                        async for response in outcome:
+                            yield response
+                    else:
+                        await outcome  # it writes with context.write
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:

@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import enum
-import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -175,7 +174,7 @@ class EventHub:
         if not mailboxes:
             return
         try:
-            rec = TaskRecord.from_fields(json.loads(payload))
+            rec = TaskRecord.from_json(payload)
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring malformed event for task %s: %.200r", task_id, payload)
             return

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import dumps as json_dumps
 
 from service.config import Settings
@@ -68,6 +69,8 @@ class Publisher:
         )
         """Messages go into Redis with the claim (see `message`)."""
         self._reply_to = app.thread_oid
+        self._origin = anon_nodename()  # Celery would compute it for every message
+        self._default_queue = str(app.conf.task_default_queue)
         self._limit = settings.max_pending_publishes
         self._timeout = settings.publish_timeout
         self._pending = 0
@@ -76,7 +79,7 @@ class Publisher:
 
     @property
     def default_queue(self) -> str:
-        return str(self._app.conf.task_default_queue)
+        return self._default_queue
 
     def message(
         self,
@@ -102,6 +105,7 @@ class Publisher:
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
             reply_to=self._reply_to,
+            origin=self._origin,
             ignore_result=None,  # the task's own setting applies, as with send_task
             # What worker logs show; reprlib's bounded repr costs a fraction
             # of Celery's saferepr.

@@ -64,7 +64,13 @@ def _raised(reply: Any) -> Any:
 def _command(args: tuple[Any, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        data = (
+            arg.encode()
+            if isinstance(arg, str)
+            else arg
+            if isinstance(arg, bytes)
+            else (str(arg).encode())
+        )
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
@@ -103,6 +109,9 @@ class RedisLink:
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
         self._shas: dict[str, str] = {}
+        # Commands issued in one turn of the event loop leave in one write.
+        self._outgoing: list[bytes] = []
+        self._flushing: _Protocol | None = None
 
     async def execute(self, *args: Any) -> Any:
         """Run one command and return its reply (retrying a lost connection)."""
@@ -141,11 +150,19 @@ class RedisLink:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((future, loop.time()))
-        assert protocol.transport is not None
-        protocol.transport.write(_command(args))
+        self._outgoing.append(_command(args))
+        if self._flushing is None:
+            self._flushing = protocol
+            loop.call_soon(self._flush)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._timeout, self._check)
         return future
+
+    def _flush(self) -> None:
+        protocol, self._flushing = self._flushing, None
+        data, self._outgoing = b"".join(self._outgoing), []
+        if protocol is not None and protocol.transport is not None:
+            protocol.transport.write(data)
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:

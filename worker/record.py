@@ -186,10 +186,15 @@ class TaskRecord:
         return json.dumps(dict(self.fields))
 
     @classmethod
-    def from_json(cls, payload: str | bytes) -> TaskRecord:
-        """A record from the JSON the scripts return and publish."""
-        fields: dict[str, str] = json.loads(payload)
-        return cls.from_fields(fields)
+    def from_json(cls, payload: str) -> TaskRecord:
+        """A record from the JSON the scripts return and publish (the same
+        JSON, read again, is decoded once)."""
+        rec = _DECODED.get(payload)
+        if rec is None:
+            rec = _DECODED[payload] = cls.from_fields(json.loads(payload))
+            if len(_DECODED) > DECODED_KEPT:
+                _DECODED.pop(next(iter(_DECODED)))
+        return rec
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> TaskRecord:
@@ -240,6 +245,10 @@ class TaskRecord:
             publishing="publishing" in fields,
             fields=fields,
         )
+
+
+DECODED_KEPT = 1024
+_DECODED: dict[str, TaskRecord] = {}
 
 
 def new_record_fields(
