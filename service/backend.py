@@ -119,6 +119,7 @@ class Backend:
         self._hub = hub
         self._prefix = settings.key_prefix
         self._scripts = Scripts(settings.key_prefix, settings.record_ttl)
+        self._background: set[asyncio.Future[None]] = set()
 
     @property
     def hub(self) -> EventHub:
@@ -129,6 +130,8 @@ class Backend:
         return self._publisher
 
     async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
         await self._hub.close()
         self._publisher.close()
         self._redis.close()
@@ -457,8 +460,9 @@ class Backend:
             rec = TaskRecord.from_json(detail)
             if status == "cancelled":
                 # The record already forbids running it (the worker checks);
-                # the broadcast also drops it from a worker holding it.
-                await self._broadcast_revoke(task_id)
+                # the broadcast only spares a worker holding it some work, so
+                # the answer does not wait for the broker.
+                self._in_background(self._broadcast_revoke(task_id))
                 return rec
             if status == "ended":
                 if rec.state == record.REVOKED:
@@ -473,6 +477,11 @@ class Backend:
             # reached no worker.
             await self._publisher.revoke(task_id, signal=SIGNALS[rec.cancel])
             return await self._await_end(task_id, rec, events)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _broadcast_revoke(self, task_id: str) -> None:
         try:
@@ -547,11 +556,10 @@ class Backend:
     async def _changes(self, task_id: str, after: int, upto: int) -> list[TaskRecord]:
         """The task's changes after sequence `after` up to `upto`, in order,
         from its log; [] if the log no longer has them all."""
-        entries = await self._redis.execute(
-            "XRANGE", record.log_key(self._prefix, task_id), "-", "+"
-        )
-        # Each entry is [id, [field, value]]; the one field holds the record.
-        changes = [TaskRecord.from_json(fields[1]) for _, fields in entries]
+        log = record.log_key(self._prefix, task_id)
+        changes = [
+            TaskRecord.from_json(entry) for entry in await self._redis.execute("LRANGE", log, 0, -1)
+        ]
         wanted = [c for c in changes if after < c.sequence <= upto]
         if not wanted or wanted[0].sequence != after + 1:
             return []

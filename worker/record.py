@@ -23,11 +23,11 @@ Keys:
                                             worker holds unstarted, and Starts
                                             whose message is not yet confirmed
                                             in the broker
-    <prefix>:log:{<task id>}         STREAM the record after each change but
+    <prefix>:log:{<task id>}         LIST   the record after each change but
                                             the terminal one (which stays the
-                                            record): the last LOG_LENGTH or so,
-                                            so a watch can resume from a
-                                            sequence number
+                                            record): the last LOG_LENGTH, so a
+                                            watch can resume from a sequence
+                                            number
     <prefix>:request:{<request id>}  HASH   what a request id was used for
                                             (fingerprint, task, response), so
                                             a retried call is answered alike
@@ -71,9 +71,8 @@ MAX_TRACEBACK_CHARS = 64 * 1024
 """Longest traceback kept (the end of it, where the error is)."""
 
 LOG_LENGTH = 64
-"""About how many changes of a task are kept for resuming watches (Redis
-trims streams approximately); a watch resumed from further back gets the
-current record instead of each change."""
+"""How many changes of a task are kept for resuming watches; a watch resumed
+from further back gets the current record instead of each change."""
 
 WORKER_LOST_ERROR = "WorkerLostError"
 NOT_ENQUEUED_ERROR = "NotEnqueued"

@@ -58,7 +58,8 @@ local function commit(rkey, terminal)
   local payload, rec = snapshot(rkey)
   if not terminal then
     local log = PREFIX .. ':log:{' .. rec['id'] .. '}'
-    redis.call('XADD', log, 'MAXLEN', '~', LOG_LENGTH, '*', 'r', payload)
+    redis.call('RPUSH', log, payload)
+    redis.call('LTRIM', log, -LOG_LENGTH, -1)
     redis.call('EXPIRE', log, TTL)
   end
   redis.call('PUBLISH', CHANNEL, rec['id'] .. ' ' .. payload)
