@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -319,6 +320,7 @@ def unary(stack: Stack, report: Report, calls: int) -> None:
         port, "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest(), calls, stack.folder
     )
     report.add(Row("gRPC floor", "Health/Check rate", floor.rate, "calls/s"))
+    report.add(Row("gRPC floor", "Health/Check p99", floor.p99, "ms"))
 
     from service.config import Settings
     from worker.app import app, configure
@@ -616,10 +618,15 @@ def _drain(
 
 
 def processes(stack: Stack, report: Report, calls: int) -> None:
-    """Start throughput with N server processes sharing a port (SO_REUSEPORT)."""
+    """Start throughput with N server processes sharing a port (SO_REUSEPORT),
+    and where the CPU went: what bounds the scaling on this machine."""
     rates = []
     for n in (1, 2):
         server, port = stack.server(processes=n)
+        pids = family(server)
+        server_cpu, redis_cpu = cpu_seconds(pids), _redis_cpu(stack)
+        generator_cpu = _children_cpu()
+        began = time.perf_counter()
         result = load(
             port,
             "/taskservice.v1.TaskService/Start",
@@ -627,20 +634,38 @@ def processes(stack: Stack, report: Report, calls: int) -> None:
             calls,
             stack.folder,
         )
+        elapsed = time.perf_counter() - began
+        busy = {
+            "servers": (cpu_seconds(pids) - server_cpu) / elapsed,
+            "Redis": (_redis_cpu(stack) - redis_cpu) / elapsed,
+            "load generator": (_children_cpu() - generator_cpu) / elapsed,
+        }
         stack.stop(server)
         stack.client.delete("celery")
         rates.append(result.rate)
-        base = rates[0]
+        scenario = f"serve --processes {n}"
         report.add(
             Row(
-                f"serve --processes {n}",
+                scenario,
                 "Start rate",
                 result.rate,
                 "calls/s",
                 "1 process" if n > 1 else "",
-                result.rate / base if n > 1 else None,
+                result.rate / rates[0] if n > 1 else None,
             )
         )
+        for name, cores in busy.items():
+            report.add(Row(scenario, f"CPU of {name}", cores, f"of {os.cpu_count()} cores"))
+
+
+def _redis_cpu(stack: Stack) -> float:
+    info = stack.client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- main --------------------------------------------------------------------

@@ -34,9 +34,11 @@ from celery.worker import state
 
 logger = logging.getLogger(__name__)
 
-BATCH_DELAY = 0.05
-"""Seconds the heartbeat waits after a beat, so tasks arriving together are
-leased together."""
+RECEIVE_DELAY = 0.25
+"""Seconds between a task's arrival and the beat it triggers. A task that
+starts sooner gets its lease from its start (no beat needed, none made, so a
+busy worker does not beat per task); one held longer is leased then, together
+with whatever else arrived meanwhile."""
 
 
 def held_tasks() -> tuple[list[str], list[str]]:
@@ -89,7 +91,7 @@ class Heartbeat(bootsteps.StartStopStep):
         ).start()
 
     def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        # Lease it now rather than at the next beat: a worker dying in
+        # Lease it soon rather than at the next beat: a worker dying in
         # between would leave the task waiting for kombu's redelivery.
         self._wake.set()
 
@@ -98,12 +100,12 @@ class Heartbeat(bootsteps.StartStopStep):
 
     def _run(self, interval: float) -> None:
         while not self._exiting.is_set():
-            self._wake.wait(interval)
+            if self._wake.wait(interval):
+                self._exiting.wait(RECEIVE_DELAY)
             self._wake.clear()
             if self._exiting.is_set():
                 return
             self.beat()
-            self._exiting.wait(BATCH_DELAY)
 
     def beat(self) -> None:
         running, held = held_tasks()
