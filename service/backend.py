@@ -39,7 +39,7 @@ from service.errors import (
     cut,
 )
 from service.hub import EventHub, Mailbox, Marker
-from service.publisher import Publisher, Ticket
+from service.publisher import Delivery, Publisher, Ticket
 from service.redis_link import RedisLink
 from worker import record
 from worker.app import MAX_COUNTDOWN
@@ -223,19 +223,19 @@ class Backend:
             task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
         )
         provisional_ms = int(self._settings.provisional_lease * 1000)
+        delivery = Delivery(
+            cmd.task_name,
+            task_id,
+            args=cmd.args,
+            kwargs=cmd.kwargs,
+            queue=queue,
+            countdown=cmd.countdown,
+            time_limit=cmd.time_limit,
+            soft_time_limit=cmd.soft_time_limit,
+        )
         push = None
         if self._publisher.direct:
-            message = self._publisher.message(
-                cmd.task_name,
-                task_id,
-                args=cmd.args,
-                kwargs=cmd.kwargs,
-                queue=queue,
-                countdown=cmd.countdown,
-                time_limit=cmd.time_limit,
-                soft_time_limit=cmd.soft_time_limit,
-            )
-            push = (queue, message)
+            push = (queue, self._publisher.message(delivery))
         claim = self._scripts.claim(
             fields,
             exclusivity_key=key,
@@ -274,7 +274,7 @@ class Backend:
             return Started(accepted, already_existed=False)  # enqueued with its claim
         try:
             with self._publisher.admit() as ticket:
-                await self._publish(ticket, cmd, task_id, queue, answer_by)
+                await self._publish(ticket, delivery, answer_by)
         except (Exception, asyncio.CancelledError) as exc:
             if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
                 raise
@@ -306,9 +306,7 @@ class Backend:
                 return rec
             await asyncio.sleep(0.02)
 
-    async def _publish(
-        self, ticket: Ticket, cmd: StartCommand, task_id: str, queue: str, answer_by: float | None
-    ) -> None:
+    async def _publish(self, ticket: Ticket, delivery: Delivery, answer_by: float | None) -> None:
         wait = self._settings.publish_timeout
         if answer_by is not None:
             left = answer_by - asyncio.get_running_loop().time()
@@ -316,18 +314,7 @@ class Backend:
             wait = min(wait, left - min(0.5, max(0.02, left * 0.1)))
             if wait <= 0:
                 raise BrokerUnavailable("the caller's deadline left no time to enqueue the task")
-        await self._publisher.send(
-            ticket,
-            cmd.task_name,
-            task_id,
-            args=cmd.args,
-            kwargs=cmd.kwargs,
-            queue=queue,
-            countdown=cmd.countdown,
-            time_limit=cmd.time_limit,
-            soft_time_limit=cmd.soft_time_limit,
-            wait=wait,
-        )
+        await self._publisher.send(ticket, delivery, wait=wait)
 
     async def _abandon(self, task_id: str, error: BaseException) -> bool:
         """Give up a Start whose publish failed: end the task and give the key

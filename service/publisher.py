@@ -22,6 +22,7 @@ import reprlib
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -39,6 +40,20 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 200
 _REPR.maxlong = 100
 CONTROL_THREADS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One task message to send: what a Start enqueues."""
+
+    task_name: str
+    task_id: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str
+    countdown: float | None
+    time_limit: float | None
+    soft_time_limit: float | None
 
 
 class Ticket:
@@ -81,42 +96,31 @@ class Publisher:
     def default_queue(self) -> str:
         return self._default_queue
 
-    def message(
-        self,
-        task_name: str,
-        task_id: str,
-        *,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        queue: str,
-        countdown: float | None,
-        time_limit: float | None,
-        soft_time_limit: float | None,
-    ) -> str:
+    def message(self, delivery: Delivery) -> str:
         """A task message as kombu's Redis transport pushes it on the list
         named `queue`: Celery's own headers and body (protocol 2), in kombu's
         envelope, routed by queue name so that a redelivery finds it too."""
         message = self._app.amqp.create_task_message(
-            task_id,
-            task_name,
-            args,
-            kwargs,
-            countdown=countdown,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
+            delivery.task_id,
+            delivery.task_name,
+            delivery.args,
+            delivery.kwargs,
+            countdown=delivery.countdown,
+            time_limit=delivery.time_limit,
+            soft_time_limit=delivery.soft_time_limit,
             reply_to=self._reply_to,
             origin=self._origin,
             ignore_result=None,  # the task's own setting applies, as with send_task
             # What worker logs show; reprlib's bounded repr costs a fraction
             # of Celery's saferepr.
-            argsrepr=_REPR.repr(args),
-            kwargsrepr=_REPR.repr(kwargs),
+            argsrepr=_REPR.repr(delivery.args),
+            kwargsrepr=_REPR.repr(delivery.kwargs),
         )
         body = json_dumps(message.body).encode("utf-8")
         properties = {
             **message.properties,
             "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
+            "delivery_info": {"exchange": "", "routing_key": delivery.queue},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
@@ -150,33 +154,20 @@ class Publisher:
     def _released(self) -> None:
         self._pending -= 1
 
-    async def send(
-        self,
-        ticket: Ticket,
-        task_name: str,
-        task_id: str,
-        *,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        queue: str,
-        countdown: float | None,
-        time_limit: float | None,
-        soft_time_limit: float | None,
-        wait: float,
-    ) -> None:
+    async def send(self, ticket: Ticket, delivery: Delivery, *, wait: float) -> None:
         """Publish a task message; BrokerUnavailable if the broker fails or does
         not take it within `wait` seconds (it may still arrive later)."""
         call = functools.partial(
             self._app.send_task,
-            task_name,
-            args=args,
-            kwargs=kwargs,
-            task_id=task_id,
-            queue=queue,
-            countdown=countdown,
+            delivery.task_name,
+            args=delivery.args,
+            kwargs=delivery.kwargs,
+            task_id=delivery.task_id,
+            queue=delivery.queue,
+            countdown=delivery.countdown,
             # Celery takes float seconds here; its stubs say int.
-            time_limit=time_limit,  # type: ignore[arg-type]
-            soft_time_limit=soft_time_limit,  # type: ignore[arg-type]
+            time_limit=delivery.time_limit,  # type: ignore[arg-type]
+            soft_time_limit=delivery.soft_time_limit,  # type: ignore[arg-type]
         )
         loop = asyncio.get_running_loop()
         release = ticket.hand_over()

@@ -14,6 +14,7 @@ from google.protobuf import duration_pb2
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
+from service.publisher import Delivery
 from service.server import Server
 from tests.support.client import error_info, finished, start, start_request, value, watch_all
 from worker import record
@@ -259,7 +260,7 @@ async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
         "time_limit": 9.0,
         "soft_time_limit": 7.0,
     }
-    ours = json.loads(publisher.message("test.echo", "id-ours", **options))
+    ours = json.loads(publisher.message(Delivery("test.echo", "id-ours", **options)))
     create_publisher(settings).send_task("test.echo", task_id="id-kombu", **options)
     client = redis.asyncio.Redis.from_url(settings.redis_url)
     try:
