@@ -10,6 +10,7 @@ blocking calls go through service.publisher.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -18,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -56,6 +57,35 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 KOMBU_KEYS = ("unacked", "_kombu")
 """kombu's own Redis keys: never a queue, whatever TASKSERVICE_QUEUES says."""
 SIGNALS = {"TERMINATE": "SIGTERM", "KILL": "SIGKILL"}
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+LIST_BUDGET = 1000
+"""Index entries one ListTasks page looks at, at most: a page's cost is
+bounded however many tasks exist or how few match its filters."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """What ListTasks returns: tasks in one of `states` (record states; empty
+    for any), of `task_name` and under `exclusivity_key` (empty for any)."""
+
+    states: frozenset[str] = frozenset()
+    task_name: str = ""
+    exclusivity_key: str = ""
+
+    def fingerprint(self) -> str:
+        text = "\n".join([",".join(sorted(self.states)), self.task_name, self.exclusivity_key])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of ListTasks: its tasks, newest first, and the token of the
+    next page ("" after the last)."""
+
+    tasks: list[TaskRecord]
+    next_token: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +247,7 @@ class Backend:
     ) -> Started:
         key = cmd.exclusivity_key or task_type.default_exclusivity_key
         task_id = str(uuid.uuid4())
-        queue = cmd.queue or self._publisher.default_queue
+        queue = cmd.queue or self._publisher.queue_for(cmd.task_name)
         scheduled = time.time() + cmd.countdown if cmd.countdown else None
         fields = record.new_record_fields(
             task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
@@ -357,7 +387,7 @@ class Backend:
         if cmd.exclusivity_key:
             check_exclusivity_key(cmd.exclusivity_key)
         if cmd.queue:
-            self._check_queue(cmd.queue)
+            self._check_queue(cmd.queue, cmd.task_name)
         if cmd.countdown is not None and not 0 <= cmd.countdown <= MAX_COUNTDOWN:
             raise InvalidArgument(
                 f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s"
@@ -376,8 +406,8 @@ class Backend:
             raise InvalidArgument("soft_time_limit must be below time_limit")
         return task_type, dataclasses.replace(cmd, args=args, kwargs=kwargs)
 
-    def _check_queue(self, queue: str) -> None:
-        if queue == self._publisher.default_queue:
+    def _check_queue(self, queue: str, task_name: str) -> None:
+        if queue in (self._publisher.default_queue, self._publisher.queue_for(task_name)):
             return
         declared = self._settings.queue_names
         allowed = QUEUE_PATTERN.fullmatch(queue) and not queue.startswith(KOMBU_KEYS)
@@ -416,6 +446,62 @@ class Backend:
                 exclusivity_key=key,
             )
         return str(task_id)
+
+    # -- ListTasks -----------------------------------------------------------
+
+    async def list_tasks(
+        self,
+        wanted: TaskFilter,
+        *,
+        page_size: int,
+        page_token: str,
+        size_of: Callable[[TaskRecord], int],
+        max_bytes: int,
+    ) -> Page:
+        """A page of the tasks `wanted` selects, newest first, whose sizes
+        (`size_of`, as the response will carry them) add up to at most
+        `max_bytes` (always at least one task)."""
+        if page_size < 0:
+            raise InvalidArgument(
+                "page_size must not be negative (0 means the default, 50)",
+                violations=[("page_size", "must not be negative")],
+            )
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        if wanted.exclusivity_key:
+            check_exclusivity_key(wanted.exclusivity_key)
+        after = _cursor(page_token, wanted) if page_token else None
+        # The narrowest index that holds every wanted task; the script checks
+        # the rest of the filter on each record it reads.
+        index = record.index_key(
+            self._prefix,
+            key=wanted.exclusivity_key,
+            name=wanted.task_name,
+            active=bool(wanted.states) and wanted.states <= record.ACTIVE_STATES,
+        )
+        more, score, last, *found = await self._run(
+            self._scripts.list_page(
+                index,
+                after=after,
+                size=size,
+                budget=max(LIST_BUDGET, size),
+                states=wanted.states,
+                name=wanted.task_name,
+                exclusivity_key=wanted.exclusivity_key,
+            )
+        )
+        tasks: list[TaskRecord] = []
+        total = 0
+        kept = ""
+        for entry_score, payload in zip(found[::2], found[1::2], strict=True):
+            rec = TaskRecord.from_json(payload)
+            total += size_of(rec)
+            if tasks and total > max_bytes:
+                # The response would be too large: the next page starts here.
+                return Page(tasks, _token(kept, tasks[-1].id, wanted))
+            tasks.append(rec)
+            kept = str(entry_score)
+        token = _token(str(score), str(last), wanted) if int(more) else ""
+        return Page(tasks, token)
 
     # -- Cancel --------------------------------------------------------------
 
@@ -571,6 +657,33 @@ def _reused(request: Request | None) -> InvalidArgument:
         "request; use a new one for each distinct call",
         violations=[("request_id", "already used for a different request")],
     )
+
+
+def _token(score: str, task_id: str, wanted: TaskFilter) -> str:
+    """An opaque page token: where the page ended, and for which filter."""
+    raw = json.dumps([score, task_id, wanted.fingerprint()], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _cursor(token: str, wanted: TaskFilter) -> tuple[str, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        score, task_id, fingerprint = json.loads(raw)
+        float(score)
+        if not all(isinstance(part, str) for part in (score, task_id, fingerprint)):
+            raise ValueError(token)
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            "page_token is not one ListTasks returned; start again with an empty one",
+            violations=[("page_token", "not a token ListTasks returned")],
+        ) from None
+    if fingerprint != wanted.fingerprint():
+        raise InvalidArgument(
+            "page_token belongs to a listing with other filters; pass the same states, "
+            "task_name and exclusivity_key as for the first page",
+            violations=[("page_token", "filters differ from the first page's")],
+        )
+    return score, task_id
 
 
 def _never_enqueued(rec: TaskRecord) -> bool:

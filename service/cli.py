@@ -1,4 +1,5 @@
-"""`taskservice` command line: serve, worker, dev."""
+"""`taskservice` command line: serve, worker, dev; and the client commands
+(start, status, cancel, watch, ls, tasks: see service.client_cli)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.config import Settings
+from service import client_cli
+from service.config import Settings, unknown_variables
 
 logger = logging.getLogger("taskservice")
 
@@ -40,14 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
     )
     dev.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
+    client_cli.add_commands(commands)
     # Unknown options belong to `celery worker` (e.g. --concurrency=8 -Q a,b).
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in client_cli.COMMANDS:
+        return client_cli.run(args)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for line in unknown_variables():
+        logger.warning("%s", line)
     if args.command == "serve":
         return _serve_processes(Settings(), args.processes)
     if args.command == "worker":
@@ -91,26 +98,32 @@ def _serve_processes(settings: Settings, count: int) -> int:
 def _worker(celery_args: Sequence[str]) -> int:
     from celery.bin.celery import celery
 
-    from worker.app import app, configure
+    from worker.app import AppNotFound, load_app, registry
+    from worker.registry import NotTrackable
 
-    configure(app, Settings())
+    settings = Settings()
+    try:
+        # What the server refuses to start, the worker refuses to run.
+        celery_app = load_app(settings)
+        registry.load(settings.task_modules, celery_app)
+    except (AppNotFound, NotTrackable) as error:
+        logger.error("%s", error)
+        return 1
     # Celery's own command line, so that its exit code reaches the caller
     # (`app.worker_main` drops it): a supervisor must see a crash as one.
     code = celery.main(
-        args=["-A", "worker.app", "worker", "--loglevel=INFO", *celery_args],
+        args=["-A", settings.celery_app or "worker.app", "worker", "--loglevel=INFO", *celery_args],
         standalone_mode=False,
     )
     return code if isinstance(code, int) else 0
 
 
 def worker_command(*celery_args: str) -> list[str]:
-    """The command that runs a Celery worker of taskservice's app as a child
-    that ends if this process dies."""
+    """The command that runs `taskservice worker` as a child that ends if
+    this process dies."""
     from service.embedded import tied_to_this_process
 
-    return tied_to_this_process(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", *celery_args]
-    )
+    return tied_to_this_process([sys.executable, "-m", "service", "worker", *celery_args])
 
 
 def _dev(concurrency: int) -> int:

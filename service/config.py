@@ -6,6 +6,10 @@ the workers it feeds agree on where Redis and the broker are.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
+
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,6 +31,12 @@ class Settings(BaseSettings):
     key_prefix: str = "taskservice"
     """Prefix of every Redis key and channel taskservice uses (several
     deployments, or test runs, can share one Redis with different prefixes)."""
+
+    celery_app: str = ""
+    """Your own Celery app, as `module:attribute` (e.g. `proj.celery:app`):
+    Starts go to its broker, routed by its configuration, and its workers
+    report back through the hooks `expose` installs. Empty: taskservice's own
+    app (`worker.app`), configured from these settings."""
 
     tasks: str = ""
     """Comma-separated modules whose `expose`d tasks may be started. Only
@@ -163,6 +173,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _broker_of_one_app(self) -> Settings:
+        if self.celery_app and (self.broker_url or self.result_backend):
+            raise ValueError(
+                "celery_app is set: its broker and result backend come from that app's own "
+                "configuration; unset broker_url and result_backend"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:
         if self.heartbeat_interval * 2 > self.lease:
             raise ValueError(
@@ -192,3 +211,20 @@ class Settings(BaseSettings):
     @property
     def task_modules(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.tasks.split(",") if m.strip())
+
+
+ENV_PREFIX = "TASKSERVICE_"
+
+
+def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """One line per TASKSERVICE_* variable that is no setting (a typo would
+    otherwise be ignored silently), with the closest setting's name."""
+    known = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+    lines = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in known:
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a taskservice setting and is ignored{hint}")
+    return lines

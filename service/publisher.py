@@ -79,7 +79,7 @@ class Publisher:
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self._app = app
-        self.direct = settings.effective_broker_url == settings.redis_url and (
+        self.direct = app.conf.broker_url == settings.redis_url and (
             settings.redis_url.startswith(("redis://", "rediss://", "unix://"))
         )
         """Messages go into Redis with the claim (see `message`)."""
@@ -95,6 +95,14 @@ class Publisher:
     @property
     def default_queue(self) -> str:
         return self._default_queue
+
+    @functools.cache  # noqa: B019 (one publisher per server, a few task names)
+    def queue_for(self, task_name: str) -> str:
+        """The queue a task goes to when the caller names none: where the
+        app's `task_routes` send it, else the default queue."""
+        route = self._app.amqp.router.route({}, task_name)
+        queue = route.get("queue")
+        return str(getattr(queue, "name", None) or self._default_queue)
 
     def message(self, delivery: Delivery) -> str:
         """A task message as kombu's Redis transport pushes it on the list

@@ -85,14 +85,17 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     Imports the task modules in `settings.tasks`; only their exposed tasks
     can be started.
     """
-    from worker.app import app, configure, create_publisher, registry
+    from worker.app import AppNotFound, create_publisher, load_app, registry
+    from worker.registry import NotTrackable
 
     tokens, credentials = _security(settings)
-    if app.settings is None:
-        # Reading task names and signatures configures the app: let it see
-        # these settings rather than the environment.
-        configure(app, settings)
-    registry.load(settings.task_modules)
+    try:
+        # Before the task modules: reading task names and signatures
+        # configures taskservice's own app, which should see these settings.
+        celery_app = load_app(settings)
+        registry.load(settings.task_modules, celery_app)
+    except (AppNotFound, NotTrackable) as error:
+        raise StartupError(str(error)) from None
     if not settings.task_modules:
         logger.warning("no task modules (TASKSERVICE_TASKS): nothing can be started")
     # Every call of this process shares one pipelined connection; the event
@@ -113,12 +116,16 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     )
     hub = EventHub(sub_client, record.events_channel(settings.key_prefix))
     await hub.start(wait=settings.redis_timeout)
-    publisher = Publisher(create_publisher(settings), settings)
+    publisher = Publisher(create_publisher(settings, celery_app), settings)
     backend = Backend(settings, registry, publisher, link, hub)
 
     guard = Guard(Tokens(tokens) if tokens else None)
     server = grpc.aio.server(options=server_options(settings))
-    servicer = TaskServiceServicer(backend, tracebacks=not settings.hide_tracebacks)
+    servicer = TaskServiceServicer(
+        backend,
+        tracebacks=not settings.hide_tracebacks,
+        max_response_bytes=settings.max_response_bytes,
+    )
     guard.add(server, functools.partial(pb_grpc.add_TaskServiceServicer_to_server, servicer))
     health_servicer = health.aio.HealthServicer()  # unguarded: probes always get an answer
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

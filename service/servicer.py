@@ -21,8 +21,8 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from service import errors
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.backend import Backend, StartCommand
-from service.states import CANCEL_MODES, RECORDED_CANCEL_MODES, task_state
+from service.backend import Backend, StartCommand, TaskFilter
+from service.states import CANCEL_MODES, RECORD_STATES, RECORDED_CANCEL_MODES, task_state
 from worker.record import TaskRecord, unrepresentable
 from worker.registry import TaskType, annotation_text
 
@@ -49,9 +49,12 @@ ANSWERS_KEPT = 4096
 class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     """The taskservice.v1.TaskService handlers."""
 
-    def __init__(self, backend: Backend, *, tracebacks: bool = True) -> None:
+    def __init__(
+        self, backend: Backend, *, tracebacks: bool = True, max_response_bytes: int = 4 << 20
+    ) -> None:
         self._backend = backend
         self._tracebacks = tracebacks
+        self._max_response_bytes = max_response_bytes
         # Serialized answers by (task id, sequence): a change watched by a
         # thousand streams is encoded once, not a thousand times.
         self._answers: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
@@ -113,6 +116,37 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     ) -> pb.ListTaskTypesResponse:
         return pb.ListTaskTypesResponse(
             task_types=[task_type_message(t) for t in self._backend.task_types()]
+        )
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTasksResponse:
+        states = set()
+        for state in request.states:
+            if state not in RECORD_STATES:
+                raise errors.InvalidArgument(
+                    f"states: {state} is not a state a task can be in",
+                    violations=[("states", f"unknown or unspecified state {state}")],
+                )
+            states.add(RECORD_STATES[state])
+        wanted = TaskFilter(frozenset(states), request.task_name, request.exclusivity_key)
+        # A listing leaves tracebacks out (GetStatus has them): a page is
+        # for finding tasks, and stays small.
+        messages: dict[str, pb.Task] = {}
+
+        def size_of(rec: TaskRecord) -> int:
+            message = messages[rec.id] = task_message(rec, traceback=False)
+            return message.ByteSize() + 8
+
+        page = await self._backend.list_tasks(
+            wanted,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            size_of=size_of,
+            max_bytes=self._max_response_bytes - 1024,
+        )
+        return pb.ListTasksResponse(
+            tasks=[messages[rec.id] for rec in page.tasks], next_page_token=page.next_token
         )
 
     def _answer(self, rec: TaskRecord) -> bytes:

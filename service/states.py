@@ -49,3 +49,14 @@ RECORDED_CANCEL_MODES: dict[str, pb.CancelMode.ValueType] = {
     "TERMINATE": pb.CANCEL_MODE_TERMINATE,
     "KILL": pb.CANCEL_MODE_KILL,
 }
+
+
+RECORD_STATES: dict[pb.TaskState.ValueType, str] = {
+    pb.TASK_STATE_QUEUED: "PENDING",
+    pb.TASK_STATE_RUNNING: "STARTED",
+    pb.TASK_STATE_SUCCEEDED: "SUCCESS",
+    pb.TASK_STATE_FAILED: "FAILURE",
+    pb.TASK_STATE_CANCELLED: "REVOKED",
+    pb.TASK_STATE_LOST: "LOST",
+}
+"""The record state of each TaskState a caller may ask for (ListTasks)."""

@@ -1,13 +1,9 @@
 """The Celery app taskservice's workers run and its server sends tasks to.
 
-Run a worker with `taskservice worker` or `celery -A worker.app worker`.
-Add your own tasks in a module listed in TASKSERVICE_TASKS:
-
-    from worker.app import app, expose
-
-    @expose()
-    @app.task(bind=True, name="reports.build")
-    def build(self, month: str) -> dict: ...
+Either taskservice's own app (`app` here), or a team's existing app named by
+TASKSERVICE_CELERY_APP (`load_app`): its tasks marked with `expose` are
+tracked without changing their base class or their app's configuration.
+Task authors import from the `taskservice` package (see it).
 
 Importing this module reads no settings: `configure(app, settings)` points
 the app at a Redis and a broker. When nothing called it, the app configures
@@ -20,9 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.app.utils import find_app
 
 from service.config import Settings
-from worker import heartbeat, signals
+from worker import signals
 from worker.registry import TaskRegistry
 
 MAX_COUNTDOWN = 3600.0
@@ -35,22 +32,66 @@ task stays unacknowledged for up to MAX_COUNTDOWN: the timeout must exceed it,
 or the task would be delivered twice (the second run is refused anyway)."""
 
 
-def configure(app: signals.TaskServiceCelery, settings: Settings) -> None:
-    """Point `app` at `settings` (Redis, broker, task modules) and connect
-    the hooks that keep task records current."""
+class AppNotFound(Exception):
+    """TASKSERVICE_CELERY_APP names no importable Celery app."""
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Point taskservice's own `app` at `settings` (Redis, broker, task
+    modules) and connect the hooks that keep task records current."""
     _apply(app, settings, force=True)
 
 
-def create_publisher(settings: Settings) -> Celery:
-    """The app the gRPC server sends tasks and revokes with.
+def load_app(settings: Settings) -> Celery:
+    """The app whose tasks taskservice starts: TASKSERVICE_CELERY_APP's,
+    tracked with `settings`, or taskservice's own, configured with them
+    unless it already was."""
+    if not settings.celery_app:
+        if signals.settings_of(app) is None:
+            configure(app, settings)
+        return app
+    try:
+        team_app = find_app(settings.celery_app)
+    except Exception as exc:
+        raise AppNotFound(
+            f"TASKSERVICE_CELERY_APP={settings.celery_app!r} names no Celery app ({exc}); "
+            "give it as module:attribute, e.g. proj.celery:app"
+        ) from None
+    if not isinstance(team_app, Celery):
+        raise AppNotFound(
+            f"TASKSERVICE_CELERY_APP={settings.celery_app!r} is a {type(team_app).__name__}, "
+            "not a Celery app"
+        )
+    signals.track(team_app, settings)
+    return team_app
+
+
+def create_publisher(settings: Settings, source: Celery) -> Celery:
+    """The app the gRPC server sends `source`'s tasks and revokes with: the
+    same broker and routing, bounded waits, JSON messages.
 
     It has no result backend: with the Redis backend, Celery subscribes the
     sender to each sent task's result channel, which a long-running server
     must not accumulate; taskservice's records carry results instead.
     """
     publisher = Celery("taskservice-publisher", set_as_current=False)
-    config = celery_config(settings)
-    del config["result_backend"]
+    if source is app:
+        config = celery_config(settings)
+    else:
+        # The team's own settings (broker, queues, routes), read unmasked.
+        config = {
+            name: source.conf[name]
+            for name in source.conf.table(with_defaults=False)
+            if name != "deprecated_settings"
+        }
+        ours = celery_config(settings.model_copy(update={"broker_url": source.conf.broker_url}))
+        for name in ("task_serializer", "task_publish_retry_policy", "broker_connection_timeout"):
+            config[name] = ours[name]
+        config["broker_transport_options"] = {
+            **ours["broker_transport_options"],
+            **(config.get("broker_transport_options") or {}),
+        }
+    config.pop("result_backend", None)
     publisher.config_from_object(config)
     return publisher
 
@@ -101,25 +142,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-app = signals.TaskServiceCelery(
-    "taskservice", task_cls="worker.signals:TrackedTask", set_as_current=False
-)
+app = Celery("taskservice", task_cls="worker.signals:TrackedTask", set_as_current=False)
+signals.track(app)
 registry = TaskRegistry()
 expose = registry.expose
 
 
-app.steps["worker"].add(heartbeat.Heartbeat)
-
-
 @app.on_configure.connect
-def _configure_from_environment(sender: signals.TaskServiceCelery, **_: Any) -> None:
-    if sender.settings is None:
+def _configure_from_environment(sender: Celery, **_: Any) -> None:
+    if signals.settings_of(sender) is None:
         # Celery is reading the configuration right now: hand it the source
         # without forcing a reload.
         _apply(sender, Settings(), force=False)
 
 
-def _apply(app: signals.TaskServiceCelery, settings: Settings, *, force: bool) -> None:
-    app.settings = settings
+def _apply(app: Celery, settings: Settings, *, force: bool) -> None:
+    signals.track(app, settings)
     app.config_from_object(celery_config(settings), force=force)
-    signals.connect(app, settings)

@@ -76,8 +76,9 @@ class Heartbeat(bootsteps.StartStopStep):
         self._pid = 0
 
     def start(self, parent: Any) -> None:
-        app = parent.app
-        self._reporter = app.reporter
+        from worker.signals import reporter_of
+
+        self._reporter = reporter_of(parent.app)
         self._hostname = parent.hostname
         self._pid = os.getpid()
         task_received.connect(self._on_received, weak=False)
@@ -85,7 +86,7 @@ class Heartbeat(bootsteps.StartStopStep):
         atexit.register(self._at_exit)
         threading.Thread(
             target=self._run,
-            args=(app.settings.heartbeat_interval,),
+            args=(self._reporter.heartbeat_interval,),
             name="taskservice-heartbeat",
             daemon=True,
         ).start()

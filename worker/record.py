@@ -130,6 +130,16 @@ def request_key(prefix: str, request_id: str) -> str:
     return f"{prefix}:request:{{{request_id}}}"
 
 
+def index_key(prefix: str, *, active: bool = False, name: str = "", key: str = "") -> str:
+    """The ListTasks index of every task, of the active ones, of one task
+    type or of one exclusivity key (the claim script adds, see scripts.py)."""
+    if key:
+        return f"{prefix}:index:key:{key}"
+    if name:
+        return f"{prefix}:index:name:{name}"
+    return f"{prefix}:index:active" if active else f"{prefix}:index"
+
+
 def leases_key(prefix: str) -> str:
     return f"{prefix}:leases"
 

@@ -14,12 +14,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from celery import Task
+from celery import Celery, Task
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
+
+from worker.signals import track_task
 
 EXCLUSIVITY_KEY_PATTERN = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 T = TypeVar("T", bound=Task)  # type: ignore[type-arg]
+
+
+class NotTrackable(Exception):
+    """An exposed task taskservice could start but not follow: refused at
+    startup, so that no Start of it is ever accepted."""
 
 
 class ArgumentsInvalid(ValueError):
@@ -143,6 +150,7 @@ class TaskRegistry:
             name = task.name
             if name is None or name.startswith("celery."):
                 raise ValueError(f"cannot expose task {name!r}")
+            track_task(task)
             # For bind=True tasks `run` is already bound, so `self` is not
             # among the parameters callers must pass.
             signature = inspect.signature(task.run)
@@ -168,13 +176,30 @@ class TaskRegistry:
     def types(self) -> list[TaskType]:
         return [t for name, t in sorted(self._types.items()) if self._allowed(t)]
 
-    def load(self, modules: Iterable[str]) -> None:
+    def load(self, modules: Iterable[str], app: Celery) -> None:
         """Import the modules that expose tasks, and from then on offer only
-        their tasks (a module imported for another reason exposes nothing)."""
+        their tasks (a module imported for another reason exposes nothing).
+        NotTrackable if one of them is not a task of `app`, the app whose
+        broker Starts go to and whose workers report back."""
         modules = tuple(modules)
         for module in modules:
             importlib.import_module(module)
         self._modules = frozenset(modules)
+        accepted = app.conf.accept_content or ()
+        for task_type in self.types():
+            if task_type.task.app is not app:
+                raise NotTrackable(
+                    f"task {task_type.name!r} (module {task_type.module}) belongs to Celery app "
+                    f"{task_type.task.app.main!r}, but taskservice sends to app {app.main!r}: "
+                    "its Starts would never be followed. Set TASKSERVICE_CELERY_APP to your "
+                    "app (module:attribute), or define the task on that app"
+                )
+            if "json" not in accepted and "application/json" not in accepted:
+                raise NotTrackable(
+                    f"Celery app {app.main!r} does not accept JSON messages (accept_content="
+                    f"{list(accepted)}), which taskservice sends: task {task_type.name!r} "
+                    "could never run. Add 'json' to its accept_content"
+                )
 
     def _allowed(self, task_type: TaskType) -> bool:
         return self._modules is None or task_type.module in self._modules

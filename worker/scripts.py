@@ -33,6 +33,9 @@ local LOG_LENGTH = """
     + str(record.LOG_LENGTH)
     + """
 
+local INDEX = PREFIX .. ':index'
+local ACTIVE_INDEX = INDEX .. ':active'
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -81,7 +84,24 @@ local function finish(rkey, id, state, fields)
   redis.call('HSET', rkey, 'state', state, unpack(fields))
   redis.call('HDEL', rkey, 'publishing')
   redis.call('ZREM', LEASES, id)
+  redis.call('ZREM', ACTIVE_INDEX, id)
   return commit(rkey, true)
+end
+
+-- List a new task, newest first by its creation (ms), in the indexes
+-- ListTasks pages through: all tasks, the active ones, per type, per key.
+-- Entries older than twice the record TTL are trimmed as new ones come (a
+-- record lives TTL after its last change); an entry whose record expired
+-- sooner is dropped when a listing meets it.
+local function index(id, now, name, key)
+  local old = now - 2000 * TTL
+  local lists = {INDEX, ACTIVE_INDEX, INDEX .. ':name:' .. name}
+  if key then lists[4] = INDEX .. ':key:' .. key end
+  for _, list in ipairs(lists) do
+    redis.call('ZADD', list, now, id)
+    redis.call('ZREMRANGEBYSCORE', list, '-inf', old)
+    redis.call('EXPIRE', list, 2 * TTL)
+  end
 end
 
 -- A Start whose message never reached the broker: give the exclusivity key
@@ -165,6 +185,7 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 10))
 if prev then redis.call('HSET', KEYS[1], 'prev', prev) end
 redis.call('EXPIRE', KEYS[1], TTL)
 if KEYS[2] then redis.call('SET', KEYS[2], id, 'EX', TTL) end
+index(id, now, redis.call('HGET', KEYS[1], 'name'), redis.call('HGET', KEYS[1], 'key'))
 if req ~= '' then
   redis.call('HSET', KEYS[1], 'request', req)
   redis.call('HSET', req, 'fingerprint', ARGV[6], 'task', id)
@@ -344,6 +365,57 @@ end
 return {ended, #due}
 """
 
+# ListTasks: one page from an index, newest first. KEYS[1] the index.
+# ARGV[3] cursor score ('+inf' at first), ARGV[4] cursor id ('' at first: the
+# page continues after the entry (score, id)), ARGV[5] page size, ARGV[6] the
+# most entries to look at, ARGV[7] wanted states (',A,B,' or '' for any),
+# ARGV[8] task name ('' any), ARGV[9] exclusivity key ('' any).
+# -> {more (0|1), last score, last id, score, record JSON, score, record JSON...}
+_LIST = """
+local now = now_ms()
+local want, budget = tonumber(ARGV[5]), tonumber(ARGV[6])
+local cursor_score, cursor_id = ARGV[3], ARGV[4]
+local out = {}
+local looked = 0
+local last_score, last_id = cursor_score, cursor_id
+local offset = 0
+local chunk = math.min(budget, want + 20)
+while #out < 2 * want and looked < budget do
+  local entries = redis.call('ZREVRANGEBYSCORE', KEYS[1], cursor_score, '-inf',
+    'WITHSCORES', 'LIMIT', offset, chunk)
+  if #entries == 0 then return {0, last_score, last_id, unpack(out)} end
+  offset = offset + #entries / 2
+  for i = 1, #entries, 2 do
+    local id, score = entries[i], entries[i + 1]
+    -- Entries with the cursor's score sort by id, descending: skip those
+    -- the previous page already covered.
+    if not (cursor_id ~= '' and score == cursor_score and id >= cursor_id) then
+      looked = looked + 1
+      last_score, last_id = score, id
+      local rkey = task_key(id)
+      local state = current(rkey, id, now)
+      if not state or (KEYS[1] == ACTIVE_INDEX and TERMINAL[state]) then
+        redis.call('ZREM', KEYS[1], id)
+      else
+        local payload, rec = snapshot(rkey)
+        if (ARGV[7] == '' or string.find(ARGV[7], ',' .. state .. ',', 1, true))
+            and (ARGV[8] == '' or rec['name'] == ARGV[8])
+            and (ARGV[9] == '' or rec['key'] == ARGV[9]) then
+          out[#out + 1] = score
+          out[#out + 1] = payload
+          if #out == 2 * want then break end
+        end
+      end
+      if looked >= budget then break end
+    end
+  end
+  if #entries < 2 * chunk and #out < 2 * want and looked < budget then
+    return {0, last_score, last_id, unpack(out)}
+  end
+end
+return {1, last_score, last_id, unpack(out)}
+"""
+
 # Remember a call's answer under its request id. KEYS[1] request key.
 # ARGV[3] fingerprint, ARGV[4] response, ARGV[5] TTL.
 _REMEMBER = """
@@ -363,6 +435,7 @@ RENEW = _PRELUDE + _RENEW
 RELEASE = _PRELUDE + _RELEASE
 SWEEP = _PRELUDE + _SWEEP
 REMEMBER = _PRELUDE + _REMEMBER
+LIST = _PRELUDE + _LIST
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +540,33 @@ class Scripts:
 
     def sweep(self, limit: int) -> Call:
         return self._call(SWEEP, [record.leases_key(self.prefix)], str(limit))
+
+    def list_page(
+        self,
+        index: str,
+        *,
+        after: tuple[str, str] | None,
+        size: int,
+        budget: int,
+        states: Iterable[str] = (),
+        name: str = "",
+        exclusivity_key: str = "",
+    ) -> Call:
+        """One page of `index` (see record.index_key) after the cursor
+        `after` = (score, id) of the previous page's last entry."""
+        score, last = after or ("+inf", "")
+        wanted = "".join(f",{state}" for state in sorted(states))
+        return self._call(
+            LIST,
+            [index],
+            score,
+            last,
+            str(size),
+            str(budget),
+            wanted + "," if wanted else "",
+            name,
+            exclusivity_key,
+        )
 
 
 def transient(error: BaseException) -> bool:

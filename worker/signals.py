@@ -1,8 +1,9 @@
 """The hooks that report a task's life back to its taskservice record.
 
-`TrackedTask` (the base class of every task on taskservice's app) marks the
-record STARTED before the task body runs and records its outcome when the
-body returns or raises. It refuses to run a task whose record is already
+`Tracked` (the base class of every task on taskservice's app, and mixed into
+each exposed task of another app by `track_task`) marks the record STARTED
+before the task body runs and records its outcome when the body returns or
+raises. It refuses to run a task whose record is already
 terminal (cancelled while queued, lost, finished: a redelivered message) or
 that another execution is running under a live lease, so a task id runs its
 body at most once. It also gives task code `report_progress` and
@@ -33,12 +34,14 @@ import redis.exceptions
 from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
+from celery.local import maybe_evaluate
 from celery.signals import task_failure, task_internal_error, task_revoked, task_unknown
 from kombu.utils.json import dumps as json_dumps
 from redis.commands.core import Script
 
 from service.config import Settings
 from worker import record
+from worker.heartbeat import Heartbeat
 from worker.scripts import Call, Scripts, transient
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class Reporter:
     def __init__(self, settings: Settings) -> None:
         self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
         self.lease_ms = int(settings.lease * 1000)
+        self.heartbeat_interval = settings.heartbeat_interval
         self.max_result_bytes = settings.max_result_bytes
         self._retry_for = settings.worker_write_retry
         self._client = redis.Redis.from_url(
@@ -157,31 +161,77 @@ class Reporter:
         return bool(self._client.hexists(key, "cancel"))
 
 
-class TaskServiceCelery(Celery):
-    """The Celery app, carrying the settings it was configured with and the
-    reporter its tasks, hooks and heartbeat write with."""
-
-    settings: Settings | None = None
-    reporter: Reporter
+# What a tracked app carries; the names cannot clash with a team's own.
+_SETTINGS = "taskservice_settings"
+_REPORTER = "taskservice_reporter"
+_TRACKED = "taskservice_tracked"
 
 
-def _reporter(app: Celery) -> Reporter | None:
-    # Signals fire for every app in the process; only ours has a reporter.
-    reporter: Reporter | None = getattr(app, "reporter", None)
+def track(app: Celery, settings: Settings | None = None) -> None:
+    """Report the tasks of `app` to their records: its workers run the
+    heartbeat, and the signal hooks write for it. With `settings`, the hooks
+    use them; without, they read TASKSERVICE_* when first needed (a worker
+    started as `celery -A proj worker` gets there by importing the modules
+    that expose its tasks). Changes nothing else of the app."""
+    if settings is not None:
+        setattr(app, _SETTINGS, settings)
+        setattr(app, _REPORTER, None)  # made anew for these settings
+    if getattr(app, _TRACKED, False):
+        return
+    setattr(app, _TRACKED, True)
+    app.steps["worker"].add(Heartbeat)
+    _connect_signals()
+
+
+def tracked(app: Celery) -> bool:
+    return bool(getattr(app, _TRACKED, False))
+
+
+def settings_of(app: Celery) -> Settings | None:
+    """The settings `app` was tracked with; None before any were given."""
+    settings: Settings | None = getattr(app, _SETTINGS, None)
+    return settings
+
+
+def reporter_of(app: Celery) -> Reporter | None:
+    """The reporter of a tracked app (made on first use); None for any other
+    app: signals fire for every app in the process."""
+    if not tracked(app):
+        return None
+    reporter: Reporter | None = getattr(app, _REPORTER, None)
+    if reporter is None:
+        settings = settings_of(app)
+        if settings is None:
+            settings = Settings()
+            setattr(app, _SETTINGS, settings)
+        reporter = Reporter(settings)
+        setattr(app, _REPORTER, reporter)
     return reporter
 
 
-class TrackedTask(Task):  # type: ignore[type-arg]
-    """Base class of taskservice tasks: keeps the task's record current."""
+def track_task(task: Task) -> Task:  # type: ignore[type-arg]
+    """`task`, keeping its record current: a task whose class is not already
+    `Tracked` gets a subclass of its own class with `Tracked` mixed in, so
+    its base class, options and app stay as its author wrote them."""
+    task = maybe_evaluate(task)  # app.task may hand out a lazy proxy
+    track(task.app)
+    cls = type(task)
+    if not issubclass(cls, Tracked):
+        # Celery made `cls` for this one task (app.task does), so changing the
+        # instance's class touches nothing else. Tracked comes first: its
+        # __call__ wraps the task's own (Celery's tracer calls a task whose
+        # class defines __call__ through it).
+        name = cls.__qualname__
+        task.__class__ = type(name, (Tracked, cls), {"__module__": cls.__module__})
+    return task
 
-    # The record carries the outcome; storing it in Celery's result backend
-    # too would encode and write every result twice. A task that AsyncResult
-    # callers read sets ignore_result=False.
-    ignore_result = True
+
+class Tracked(Task):  # type: ignore[type-arg]
+    """Keeps the task's record current (see the module)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
-        reporter = _reporter(self.app)
+        reporter = reporter_of(self.app)
         task_id: str | None = request.id
         if not task_id or request.called_directly or reporter is None:
             return super().__call__(*args, **kwargs)
@@ -211,7 +261,7 @@ class TrackedTask(Task):  # type: ignore[type-arg]
         **options: Any,
     ) -> Any:
         request = self.request
-        reporter = _reporter(self.app)
+        reporter = reporter_of(self.app)
         retrying = (
             reporter is not None
             and task_id is not None
@@ -238,7 +288,7 @@ class TrackedTask(Task):  # type: ignore[type-arg]
         if not self.ignore_result:
             super().update_state(task_id, state, meta, **kwargs)
         task_id = task_id or self.request.id
-        reporter = _reporter(self.app)
+        reporter = reporter_of(self.app)
         if state == "PROGRESS" and task_id and reporter is not None:
             meta = meta or {}
             progress = {
@@ -259,10 +309,20 @@ class TrackedTask(Task):  # type: ignore[type-arg]
         stop early after a graceful cancel (raising any exception ends it
         CANCELLED)."""
         task_id: str | None = self.request.id
-        reporter = _reporter(self.app)
+        reporter = reporter_of(self.app)
         if not task_id or reporter is None:
             return False
         return reporter.cancel_requested(task_id)
+
+
+class TrackedTask(Tracked):
+    """Base class of the tasks on taskservice's own app."""
+
+    # The record carries the outcome; storing it in Celery's result backend
+    # too would encode and write every result twice. A task that AsyncResult
+    # callers read sets ignore_result=False. (Another app's tasks keep their
+    # own setting: only `Tracked` is mixed into them.)
+    ignore_result = True
 
 
 # -- Ends outside the task body (main process) ------------------------------
@@ -278,7 +338,7 @@ def _on_failure(
     # Body exceptions were recorded by TrackedTask (this then changes
     # nothing); what arrives here first is a pool process that died or a
     # hard time limit.
-    reporter = _reporter(sender.app)
+    reporter = reporter_of(sender.app)
     if not task_id or exception is None or reporter is None:
         return
     fields = {
@@ -292,7 +352,7 @@ def _on_failure(
 
 def _on_revoked(sender: Task, request: Any = None, **_: Any) -> None:  # type: ignore[type-arg]
     task_id = getattr(request, "id", None)
-    reporter = _reporter(sender.app)
+    reporter = reporter_of(sender.app)
     if task_id and reporter:
         reporter.finish(task_id, record.REVOKED, {})
 
@@ -307,7 +367,7 @@ def _on_internal_error(
     # Celery itself failed around the task (e.g. storing its result while
     # Redis restarts): the body's outcome, if it got that far, is already
     # recorded, and this changes nothing.
-    reporter = _reporter(sender.app)
+    reporter = reporter_of(sender.app)
     if task_id and exception is not None and reporter is not None:
         message = f"Celery failed around the task: {exception}"
         reporter.fail(task_id, type(exception).__name__, message, _traceback(einfo))
@@ -318,7 +378,8 @@ def _traceback(einfo: Any) -> str:
 
 
 def _on_unknown(sender: Any, name: str = "", id: str = "", **_: Any) -> None:
-    reporter: Reporter | None = getattr(getattr(sender, "app", None), "reporter", None)
+    app = getattr(sender, "app", None)
+    reporter = reporter_of(app) if app is not None else None
     if id and reporter is not None:
         reporter.fail(
             id,
@@ -328,10 +389,9 @@ def _on_unknown(sender: Any, name: str = "", id: str = "", **_: Any) -> None:
         )
 
 
-def connect(app: TaskServiceCelery, settings: Settings) -> None:
-    """Give `app` its reporter and report its tasks' ends to their records."""
-    app.reporter = Reporter(settings)
-    # Celery signals are global; the receivers find the app through `sender`.
+def _connect_signals() -> None:
+    # Celery signals are global (connecting twice is a no-op); the receivers
+    # find the app, and whether it is tracked, through `sender`.
     task_failure.connect(_on_failure, weak=False)
     task_revoked.connect(_on_revoked, weak=False)
     task_internal_error.connect(_on_internal_error, weak=False)

@@ -122,12 +122,12 @@ async def test_a_long_task_on_a_live_worker_is_never_declared_lost(
 async def test_a_message_delivered_again_never_runs_the_body_twice(
     stub: pb_grpc.TaskServiceStub, settings: Settings, tmp_path: Path
 ) -> None:
-    from worker.app import create_publisher
+    from worker.app import app, create_publisher
 
     queue = f"again-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     worker = await asyncio.to_thread(start_worker, log, concurrency=2, queues=queue)
-    publisher = create_publisher(settings)
+    publisher = create_publisher(settings, app)
     runs = tmp_path / "runs"
     try:
         request = start_request("test.log_run", path=str(runs), seconds=1)

@@ -248,7 +248,7 @@ async def test_a_stored_result_no_client_could_read_is_reported_not_internal(
 async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
     settings: Settings, server: Server
 ) -> None:
-    from worker.app import create_publisher
+    from worker.app import app, create_publisher
 
     publisher = server.backend.publisher
     assert publisher.direct  # the tests' broker is the records' Redis
@@ -261,7 +261,7 @@ async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
         "soft_time_limit": 7.0,
     }
     ours = json.loads(publisher.message(Delivery("test.echo", "id-ours", **options)))
-    create_publisher(settings).send_task("test.echo", task_id="id-kombu", **options)
+    create_publisher(settings, app).send_task("test.echo", task_id="id-kombu", **options)
     client = redis.asyncio.Redis.from_url(settings.redis_url)
     try:
         theirs = json.loads((await client.lrange("q-kombu", 0, -1))[0])

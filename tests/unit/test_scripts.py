@@ -326,3 +326,60 @@ def test_sweep_ends_each_lapsed_task_once(store: Store) -> None:
     assert store.run(store.scripts.sweep(100)) == [0, 0]  # a second sweeper finds nothing
     assert {store.rec(t).state for t in lapsed} == {record.LOST}
     assert store.rec(alive).state == record.STARTED
+
+
+# -- list --------------------------------------------------------------------
+
+
+def page(store: Store, index: str, after: tuple[str, str] | None = None, **kw: Any) -> Any:
+    more, score, last, *found = store.run(
+        store.scripts.list_page(index, after=after, size=kw.pop("size", 2), budget=100, **kw)
+    )
+    ids = [json.loads(payload)["id"] for payload in found[1::2]]
+    return int(more), (str(score), str(last)), ids
+
+
+def test_list_pages_newest_first_without_repeats(store: Store) -> None:
+    made = [store.new() for _ in range(5)]  # several may share a millisecond
+    index = record.index_key(store.prefix)
+    seen: list[str] = []
+    after = None
+    for _ in range(10):
+        more, after, ids = page(store, index, after)
+        seen += ids
+        if not more:
+            break
+    assert sorted(seen) == sorted(made)
+    assert len(seen) == len(set(seen))
+    created = [store.client.zscore(index, task_id) for task_id in seen]
+    assert created == sorted(created, reverse=True)
+
+
+def test_list_filters_by_state_name_and_key_and_drops_ended_from_active(store: Store) -> None:
+    queued = store.new("k1")
+    running = store.started("k2")
+    ended = store.new()
+    assert store.run(store.scripts.cancel(ended, "KILL", when=1.0))[0] == "cancelled"
+    active = record.index_key(store.prefix, active=True)
+    _, _, ids = page(store, active, size=10, states={"STARTED"})
+    assert ids == [running]
+    _, _, ids = page(store, active, size=10)
+    assert sorted(ids) == sorted([queued, running])  # the cancelled one left the index
+    _, _, ids = page(store, record.index_key(store.prefix, key="k1"), size=10)
+    assert ids == [queued]
+    _, _, ids = page(store, record.index_key(store.prefix), size=10, name="other")
+    assert ids == []
+
+
+def test_list_looks_at_most_budget_entries_and_prunes_expired_records(store: Store) -> None:
+    ids = [store.new() for _ in range(30)]
+    for task_id in ids[:25]:  # their records expired
+        store.client.delete(record.task_key(store.prefix, task_id))
+    index = record.index_key(store.prefix)
+    call = store.scripts.list_page(index, after=None, size=50, budget=10)
+    more, _, _, *found = store.run(call)
+    assert int(more) == 1 and len(found) <= 2 * 10  # stopped at the budget
+    assert store.client.zcard(index) < 30  # what it met without a record is gone
+    while int(more):
+        more, *_ = store.run(call)
+    assert store.client.zcard(index) == 5

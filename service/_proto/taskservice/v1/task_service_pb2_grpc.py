@@ -76,6 +76,11 @@ class TaskServiceStub:
                 request_serializer=taskservice_dot_v1_dot_task__service__pb2.ListTaskTypesRequest.SerializeToString,
                 response_deserializer=taskservice_dot_v1_dot_task__service__pb2.ListTaskTypesResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/taskservice.v1.TaskService/ListTasks',
+                request_serializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -149,6 +154,20 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """ListTasks lists the tasks whose records are kept (TASKSERVICE_RECORD_TTL),
+        newest first (by create_time), optionally only those in some states, of
+        one task type or under one exclusivity key. Paged (AIP-158): each page
+        costs the server a bounded amount of work however many tasks exist, so
+        a page may hold fewer than page_size tasks (even none) while
+        next_page_token is set; the listing ends when next_page_token is empty.
+        Tasks started after the first page was read may not appear; none
+        appears twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +195,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListTaskTypes,
                     request_deserializer=taskservice_dot_v1_dot_task__service__pb2.ListTaskTypesRequest.FromString,
                     response_serializer=taskservice_dot_v1_dot_task__service__pb2.ListTaskTypesResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksRequest.FromString,
+                    response_serializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +354,33 @@ class TaskService:
             '/taskservice.v1.TaskService/ListTaskTypes',
             taskservice_dot_v1_dot_task__service__pb2.ListTaskTypesRequest.SerializeToString,
             taskservice_dot_v1_dot_task__service__pb2.ListTaskTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskservice.v1.TaskService/ListTasks',
+            taskservice_dot_v1_dot_task__service__pb2.ListTasksRequest.SerializeToString,
+            taskservice_dot_v1_dot_task__service__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

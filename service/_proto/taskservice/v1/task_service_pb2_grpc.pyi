@@ -80,6 +80,16 @@ class TaskServiceStub:
     """
     ListTaskTypes: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskTypesRequest, _task_service_pb2.ListTaskTypesResponse]
     """ListTaskTypes lists the task types that Start accepts."""
+    ListTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTasksRequest, _task_service_pb2.ListTasksResponse]
+    """ListTasks lists the tasks whose records are kept (TASKSERVICE_RECORD_TTL),
+    newest first (by create_time), optionally only those in some states, of
+    one task type or under one exclusivity key. Paged (AIP-158): each page
+    costs the server a bounded amount of work however many tasks exist, so
+    a page may hold fewer than page_size tasks (even none) while
+    next_page_token is set; the listing ends when next_page_token is empty.
+    Tasks started after the first page was read may not appear; none
+    appears twice.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -133,6 +143,16 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     ListTaskTypes: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskTypesRequest, _task_service_pb2.ListTaskTypesResponse]  # type: ignore[assignment]
     """ListTaskTypes lists the task types that Start accepts."""
+    ListTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTasksRequest, _task_service_pb2.ListTasksResponse]  # type: ignore[assignment]
+    """ListTasks lists the tasks whose records are kept (TASKSERVICE_RECORD_TTL),
+    newest first (by create_time), optionally only those in some states, of
+    one task type or under one exclusivity key. Paged (AIP-158): each page
+    costs the server a bounded amount of work however many tasks exist, so
+    a page may hold fewer than page_size tasks (even none) while
+    next_page_token is set; the listing ends when next_page_token is empty.
+    Tasks started after the first page was read may not appear; none
+    appears twice.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService starts Celery tasks, reports their state and outcome, cancels
@@ -213,5 +233,21 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ListTaskTypesResponse, _abc.Awaitable[_task_service_pb2.ListTaskTypesResponse]]:
         """ListTaskTypes lists the task types that Start accepts."""
+
+    @_abc_1.abstractmethod
+    def ListTasks(
+        self,
+        request: _task_service_pb2.ListTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.ListTasksResponse, _abc.Awaitable[_task_service_pb2.ListTasksResponse]]:
+        """ListTasks lists the tasks whose records are kept (TASKSERVICE_RECORD_TTL),
+        newest first (by create_time), optionally only those in some states, of
+        one task type or under one exclusivity key. Paged (AIP-158): each page
+        costs the server a bounded amount of work however many tasks exist, so
+        a page may hold fewer than page_size tasks (even none) while
+        next_page_token is set; the listing ends when next_page_token is empty.
+        Tasks started after the first page was read may not appear; none
+        appears twice.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
