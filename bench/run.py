@@ -43,8 +43,12 @@ from grpc_health.v1 import health_pb2  # noqa: E402
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb  # noqa: E402
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.cli import worker_command  # noqa: E402
-from service.embedded import EmbeddedRedis, free_port, stop_process_group  # noqa: E402
+from service.embedded import (  # noqa: E402
+    EmbeddedRedis,
+    free_port,
+    stop_process_group,
+    tied_to_this_process,
+)
 
 CONCURRENCY = 32
 PARKED = "bench-parked"  # a queue no worker consumes
@@ -135,7 +139,10 @@ class Stack:
         queues: str = "celery",
     ) -> subprocess.Popen[bytes]:
         log = self.folder / f"worker-{uuid.uuid4().hex[:6]}.log"
-        command = worker_command(
+        # Celery's own command for both apps, so the two workers compared
+        # differ only in the app.
+        command = tied_to_this_process(
+            [sys.executable, "-m", "celery", "-A", app, "worker",
             f"--pool={pool}",
             f"--concurrency={concurrency}",
             "--loglevel=WARNING",
@@ -143,9 +150,8 @@ class Stack:
             queues,
             "--without-gossip",
             "--without-mingle",
-            "--without-heartbeat",
-        )
-        command[command.index("worker.app")] = app
+            "--without-heartbeat"]
+        )  # fmt: skip
         consuming = self._consumers()
         with open(log, "wb") as out:
             process = subprocess.Popen(
