@@ -4,6 +4,11 @@ Usage: python protos/generate.py [--check]
 
 --check regenerates into a temporary folder and exits 1 if the committed
 code differs, so CI catches a proto edited without regenerating.
+
+The generator is pinned (grpcio-tools and mypy-protobuf, `==` in
+pyproject.toml's dev extra) and this script refuses any other version: the
+generated code is then the same on every machine, and the runtime floors that
+pyproject.toml declares are the ones that code really needs.
 """
 
 from __future__ import annotations
@@ -13,10 +18,9 @@ import filecmp
 import shutil
 import sys
 import tempfile
-from importlib import resources
+import tomllib
+from importlib import metadata, resources
 from pathlib import Path
-
-from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -26,9 +30,50 @@ OUT = ROOT / "service" / "_proto"
 IMPORT_FROM = "from taskservice.v1 import"
 IMPORT_TO = "from service._proto.taskservice.v1 import"
 DESCRIPTOR_SET = "descriptors.binpb"
+# What writes service/_proto; each is pinned with `==` in the dev extra.
+GENERATOR = ("grpcio-tools", "mypy-protobuf")
+
+
+def pinned_generator() -> dict[str, str]:
+    """The generator's versions as pyproject.toml's dev extra pins them."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = {}
+    for requirement in pyproject["project"]["optional-dependencies"]["dev"]:
+        name, pinned, version = requirement.partition("==")
+        if name.strip() in GENERATOR and pinned:
+            pins[name.strip()] = version.strip()
+    unpinned = [name for name in GENERATOR if name not in pins]
+    if unpinned:
+        raise SystemExit(f"pyproject.toml's dev extra must pin {', '.join(unpinned)} with ==")
+    return pins
+
+
+def check_generator() -> None:
+    """Exit with what to install unless the pinned generator is installed here."""
+    pins = pinned_generator()
+    wrong = []
+    for name, want in pins.items():
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = "not installed"
+        if have != want:
+            wrong.append(f"{name} {have}, pinned {want}")
+    if wrong:
+        install = " ".join(f"{name}=={version}" for name, version in pins.items())
+        raise SystemExit(
+            "protos/generate.py runs only with the pinned generator (pyproject.toml's dev"
+            " extra), so service/_proto is the same wherever it is made:\n  "
+            + "\n  ".join(wrong)
+            + f"\ninstall it: pip install -e '.[dev]'  (or: pip install {install})"
+        )
 
 
 def generate(out: Path) -> None:
+    check_generator()
+    # Imported once the version is known to be the pinned one.
+    from grpc_tools import protoc
+
     out.mkdir(parents=True, exist_ok=True)
     well_known = str(resources.files("grpc_tools") / "_proto")
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))

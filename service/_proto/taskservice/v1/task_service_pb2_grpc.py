@@ -5,7 +5,7 @@ import warnings
 
 from service._proto.taskservice.v1 import task_service_pb2 as taskservice_dot_v1_dot_task__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in taskservice/v1/task_service_pb2_grpc.py depends on'
+        + f' but the generated code in taskservice/v1/task_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TaskServiceStub:
+class TaskServiceStub(object):
     """TaskService starts Celery tasks, reports their state and outcome, cancels
     them and streams their changes.
 
@@ -83,7 +83,7 @@ class TaskServiceStub:
                 _registered_method=True)
 
 
-class TaskServiceServicer:
+class TaskServiceServicer(object):
     """TaskService starts Celery tasks, reports their state and outcome, cancels
     them and streams their changes.
 
@@ -209,7 +209,7 @@ def add_TaskServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TaskService:
+class TaskService(object):
     """TaskService starts Celery tasks, reports their state and outcome, cancels
     them and streams their changes.
 
