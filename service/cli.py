@@ -127,8 +127,18 @@ def worker_command(*celery_args: str) -> list[str]:
 
 
 def _dev(concurrency: int) -> int:
-    from service.embedded import EmbeddedRedis, stop_process_group
+    from service.embedded import (
+        EmbeddedRedis,
+        NoRedisServer,
+        redis_server_binary,
+        stop_process_group,
+    )
 
+    try:
+        redis_server_binary()  # before anything starts: say what to install
+    except NoRedisServer as error:
+        logger.error("%s", error)
+        return 1
     settings = Settings()
     if not settings.reuse_port and not _can_listen(settings.host, settings.port):
         # Before starting anything: two dev runs must not share one port.
