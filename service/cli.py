@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     health.add_argument("--service", default="", help='service name (default "": the server)')
-    health.add_argument("--tls-client-cert", default="", help="PEM client certificate (mutual TLS)")
-    health.add_argument("--tls-client-key", default="", help="PEM key of --tls-client-cert")
+    health.add_argument("--cert-file", default="", help="PEM client certificate (mutual TLS)")
+    health.add_argument("--key-file", default="", help="PEM key of --cert-file")
     client_cli.add_commands(commands)
     # Unknown options belong to `celery worker` (e.g. --concurrency=8 -Q a,b).
     args, extra = parser.parse_known_args(argv)
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in client_cli.COMMANDS:
         return client_cli.run(args)
     if args.command == "health":  # one line of its own, no logging
-        return _health(args.timeout, args.service, args.tls_client_cert, args.tls_client_key)
+        return _health(args.timeout, args.service, args.cert_file, args.key_file)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -203,7 +203,7 @@ def _health(timeout: float, service: str, client_cert: str, client_key: str) -> 
     machine) for its health, as a container's HEALTHCHECK does. With TLS, the
     server's own certificate (TASKSERVICE_TLS_CERT_FILE) is the one trusted,
     under any name it carries; a server that requires client certificates
-    needs --tls-client-cert and --tls-client-key. Prints one line."""
+    needs --cert-file and --key-file. Prints one line."""
     import ssl
 
     import grpc
@@ -222,7 +222,7 @@ def _health(timeout: float, service: str, client_cert: str, client_key: str) -> 
             if settings.tls_client_ca_file and not (client_cert and client_key):
                 print(
                     f"{target}: the server requires client certificates "
-                    "(TASKSERVICE_TLS_CLIENT_CA_FILE): pass --tls-client-cert and --tls-client-key",
+                    "(TASKSERVICE_TLS_CLIENT_CA_FILE): pass --cert-file and --key-file",
                     file=sys.stderr,
                 )
                 return 1

@@ -226,9 +226,9 @@ async def test_health_speaks_tls_and_mutual_tls_when_the_server_does(
     client_cert.private_key_pem.write_to_path(str(files["client_key"]))
     client_cert.cert_chain_pems[0].write_to_path(str(files["client"]))
     client = (
-        "--tls-client-cert",
+        "--cert-file",
         str(files["client"]),
-        "--tls-client-key",
+        "--key-file",
         str(files["client_key"]),
     )
     tls = {"tls_cert_file": str(files["cert"]), "tls_key_file": str(files["key"])}
@@ -247,7 +247,7 @@ async def test_health_speaks_tls_and_mutual_tls_when_the_server_does(
     try:
         code, output = await health(running.port, **as_env(mutual))
         assert code == 1 and output.count("\n") == 1
-        assert "pass --tls-client-cert and --tls-client-key" in output
+        assert "pass --cert-file and --key-file" in output
         serving = (0, f"127.0.0.1:{running.port}: SERVING\n")
         assert await health(running.port, *client, **as_env(mutual)) == serving
     finally:
