@@ -17,6 +17,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
+COPY taskservice ./taskservice
 RUN pip install .
 
 FROM python:3.11-slim

@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -153,29 +155,35 @@ def healthcheck_command(args: str) -> list[str] | None:
 # --- (b) commands ------------------------------------------------------------
 
 
-def commands_to_check(compose: dict[str, Any], stages: list[Stage]) -> list[tuple[str, list[str]]]:
-    """(where, argv) of every command in compose.yaml and the Dockerfile's last stage."""
-    found: list[tuple[str, list[str]]] = []
+Command = tuple[str, list[str], dict[str, Any]]
+
+
+def commands_to_check(compose: dict[str, Any], stages: list[Stage]) -> list[Command]:
+    """(where, argv, environment) of every command in compose.yaml and the
+    Dockerfile's last stage."""
+    image_env = stages[-1].env()
+    found: list[Command] = []
     for name, service in compose["services"].items():
+        env = service_env(service, image_env)
         for key in ("entrypoint", "command"):
             value = service.get(key)
             if value is not None:
                 argv = value if isinstance(value, list) else shlex.split(value)
-                found.append((f"compose {name}.{key}", [str(a) for a in argv]))
+                found.append((f"compose {name}.{key}", [str(a) for a in argv], env))
         test = service.get("healthcheck", {}).get("test")
         if isinstance(test, str):
             test = ["CMD-SHELL", test]
         if test and test[0] in ("CMD", "CMD-SHELL"):
             argv = test[1:] if test[0] == "CMD" else shlex.split(test[1])
-            found.append((f"compose {name}.healthcheck", argv))
+            found.append((f"compose {name}.healthcheck", argv, env))
     for instruction in stages[-1].instructions:
         where = f"Dockerfile:{instruction.line} {instruction.keyword}"
         if instruction.keyword in ("CMD", "ENTRYPOINT"):
-            found.append((where, exec_form(instruction.args)))
+            found.append((where, exec_form(instruction.args), image_env))
         elif instruction.keyword == "HEALTHCHECK":
             argv = healthcheck_command(instruction.args)
             if argv is not None:
-                found.append((where, argv))
+                found.append((where, argv, image_env))
     return found
 
 
@@ -195,14 +203,15 @@ def option_names(tokens: list[str]) -> list[str]:
     return [t.split("=", 1)[0] for t in tokens if t.startswith("-") and t != "-"]
 
 
-def taskservice_problem(argv: list[str], subcommands: set[str]) -> str | None:
-    """Why `argv` (`taskservice ...`) would not run as meant, or None."""
+def taskservice_problem(argv: list[str], subcommands: set[str], env: dict[str, Any]) -> str | None:
+    """Why `argv` (`taskservice ...`, in environment `env`) would not run as meant, or None."""
     if len(argv) < 2 or argv[1] not in subcommands:
         return f"no subcommand {argv[1:2]}; there are {sorted(subcommands)}"
     sub, rest = argv[1], argv[2:]
     if sub == "worker":
-        # `taskservice worker ARGS` runs `celery -A worker.app worker --loglevel=INFO ARGS`.
-        return celery_problem(["celery", "-A", "worker.app", "worker", "--loglevel=INFO", *rest])
+        # `taskservice worker ARGS` runs `celery -A APP worker --loglevel=INFO ARGS`.
+        app = env.get("TASKSERVICE_CELERY_APP") or "worker.app"
+        return celery_problem(["celery", "-A", app, "worker", "--loglevel=INFO", *rest])
     known = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", taskservice_help(sub)))
     unknown = [o for o in option_names(rest) if o not in known]
     return f"`taskservice {sub}` has no options {unknown}" if unknown else None
@@ -275,47 +284,47 @@ def celery_problem(argv: list[str]) -> str | None:
 # --- (c) settings ------------------------------------------------------------
 
 
+def service_env(service: dict[str, Any], image_env: dict[str, str]) -> dict[str, Any]:
+    """A compose service's environment; one built from the Dockerfile gets the image's too."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {**(image_env if service.get("build") else {}), **env}
+
+
 def check_settings(compose: dict[str, Any], stages: list[Stage]) -> None:
     from pydantic import ValidationError
 
-    from service.config import Settings
+    from service.config import ENV_PREFIX, Settings, unknown_variables
 
-    fields = set(Settings.model_fields)
-    image_env = {k: v for k, v in stages[-1].env().items() if k.startswith("TASKSERVICE_")}
+    image_env = stages[-1].env()
     sources = {"Dockerfile ENV": image_env}
     for name, service in compose["services"].items():
         env = service.get("environment") or {}
-        if isinstance(env, list):
-            env = dict(item.partition("=")[::2] for item in env)
-        non_strings = [k for k, v in env.items() if not isinstance(v, str)]
+        non_strings = [k for k, v in dict(env).items() if not isinstance(v, str)]
         check(
             not non_strings,
             f"compose {name}.environment values are strings",
             f"quote {non_strings}",
         )
-        ours = {k: v for k, v in env.items() if k.startswith("TASKSERVICE_")}
-        if ours or service.get("build"):
-            # A service built from the Dockerfile also gets the image's ENV.
-            sources[f"compose {name}"] = {**(image_env if service.get("build") else {}), **ours}
+        sources[f"compose {name}"] = service_env(service, image_env)
     for where, env in sources.items():
-        names = sorted(env)
-        unknown = [n for n in names if n.removeprefix("TASKSERVICE_").lower() not in fields]
+        ours = {k: str(v) for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        if not ours:
+            continue
+        # The same words `serve` and `worker` log for a name that is no setting.
+        unknown = unknown_variables(ours)
         check(
             not unknown,
-            f"{where}: {len(names)} TASKSERVICE_* variables are Settings fields",
-            f"unknown {unknown}",
+            f"{where}: {len(ours)} TASKSERVICE_* variables are settings",
+            "; ".join(unknown),
         )
+        values = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in ours.items()}
         try:
-            Settings(
-                **{
-                    n.removeprefix("TASKSERVICE_").lower(): str(v)
-                    for n, v in env.items()
-                    if n not in unknown
-                }
-            )
-            check(True, f"{where}: the values validate")
+            Settings(**{k: v for k, v in values.items() if k in Settings.model_fields})
+            check(True, f"{where}: their values validate")
         except ValidationError as error:
-            check(False, f"{where}: the values validate", " ".join(str(error).split()))
+            check(False, f"{where}: their values validate", " ".join(str(error).split()))
 
 
 # --- the promises in the files' comments --------------------------------------
@@ -446,6 +455,17 @@ def copy_into(workdir: Path, args: str) -> None:
             shutil.copy(path, destination)
 
 
+def declared_packages() -> list[str]:
+    """The top-level packages pyproject.toml's package discovery installs."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    return sorted(
+        p.parent.name
+        for p in ROOT.glob("*/__init__.py")
+        if any(fnmatch(p.parent.name, pattern) for pattern in include)
+    )
+
+
 def check_install(stages: list[Stage]) -> None:
     build = next(s for s in stages if any("pip install" in r.args for r in s.of("RUN")))
     with tempfile.TemporaryDirectory(prefix="taskservice-image-") as tmp:
@@ -457,6 +477,9 @@ def check_install(stages: list[Stage]) -> None:
             **{k: v for k, v in build.env().items() if k not in ("PATH", "VIRTUAL_ENV")},
             "VIRTUAL_ENV": str(venv),
             "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            # Bytecode compilation of every module costs CPU and checks
+            # nothing (pip only warns about a file that does not compile).
+            "PIP_NO_COMPILE": "1",
         }
         env.pop("PYTHONPATH", None)
         workdir = context
@@ -496,6 +519,19 @@ def check_install(stages: list[Stage]) -> None:
                 f"image venv: `taskservice {' '.join(args)}` works",
                 done.stderr[-1000:] if done.returncode else "",
             )
+        packages = declared_packages()
+        done = subprocess.run(
+            [str(bin_dir / "python"), "-c", f"import {', '.join(packages)}"],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        check(
+            done.returncode == 0,
+            f"image venv: imports {', '.join(packages)} (every package pyproject.toml declares)",
+            done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "",
+        )
         listing = subprocess.run(
             [
                 str(bin_dir / "python"),
@@ -525,6 +561,9 @@ def check_install(stages: list[Stage]) -> None:
 
 def main() -> int:
     started = time.monotonic()
+    # Only the files' own TASKSERVICE_* variables count, not this shell's.
+    for name in [n for n in os.environ if n.startswith("TASKSERVICE_")]:
+        del os.environ[name]
     compose_text = (ROOT / "compose.yaml").read_text()
     compose = yaml.safe_load(compose_text)
     stages = parse_dockerfile(ROOT / "Dockerfile")
@@ -551,10 +590,10 @@ def main() -> int:
     match = re.search(r"\{([\w,-]+)\}", taskservice_help())
     if check(bool(match), "`taskservice --help` lists subcommands") and match:
         subcommands = set(match[1].split(","))
-    for where, argv in commands_to_check(compose, stages):
+    for where, argv, env in commands_to_check(compose, stages):
         program = Path(argv[0]).name if argv else ""
         if program == "taskservice":
-            problem = taskservice_problem(argv, subcommands)
+            problem = taskservice_problem(argv, subcommands, env)
         elif program == "celery":
             problem = celery_problem(argv)
         else:
