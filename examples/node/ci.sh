@@ -49,7 +49,16 @@ stop_dev() {
     echo "ci.sh: the embedded Redis (port $redis_port) outlived taskservice dev" >&2
     status=1
   fi
-  if [[ $status -ne 0 ]]; then echo "== taskservice dev log ($log)"; tail -n 40 "$log"; else rm -f "$log"; fi
+  # dev keeps its worker's log in a folder of its own, and says where as it stops.
+  local run_dir
+  run_dir=$(sed -n 's|.*logs were in \(/[^ ]*taskservice-dev-[^ /]*\)$|\1|p' "$log" | tail -1)
+  if [[ $status -ne 0 ]]; then
+    echo "== taskservice dev log ($log; the worker's: ${run_dir:-?}/worker.log)"
+    tail -n 40 "$log"
+  else
+    rm -f "$log"
+    [[ -n "$run_dir" ]] && rm -rf "$run_dir"
+  fi
   echo "== ci.sh: ${SECONDS}s, exit $status"
   exit "$status"
 }

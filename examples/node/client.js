@@ -233,8 +233,6 @@ function rpcTypes() {
   return statusTypes;
 }
 
-const CONVERSION = { longs: String, enums: String, defaults: true, oneofs: true };
-
 /**
  * What a failed call says, decoded: `{code, codeName, message, errorInfo,
  * badRequest, details}`. `errorInfo` is google.rpc.ErrorInfo `{reason, domain,
@@ -258,8 +256,12 @@ export function decodeError(error) {
   const raw = error?.metadata?.get?.('grpc-status-details-bin')?.[0];
   if (!raw) return decoded;
   const root = rpcTypes();
-  const Status = root.lookupType('google.rpc.Status');
-  const status = Status.decode(raw);
+  let status;
+  try {
+    status = root.lookupType('google.rpc.Status').decode(raw);
+  } catch {
+    return decoded; // not a google.rpc.Status: code and message are all there is
+  }
   decoded.message = status.message || decoded.message;
   for (const any of status.details) {
     const typeName = any.type_url.slice(any.type_url.lastIndexOf('/') + 1);
@@ -273,7 +275,7 @@ export function decodeError(error) {
       decoded.details.push({ type_url: any.type_url, value: any.value });
       continue;
     }
-    const value = type.toObject(type.decode(any.value), CONVERSION);
+    const value = type.toObject(type.decode(any.value), LOADER_OPTIONS);
     decoded.details.push({ type_url: any.type_url, value });
     if (typeName === 'google.rpc.ErrorInfo' && !decoded.errorInfo) decoded.errorInfo = value;
     if (typeName === 'google.rpc.BadRequest' && !decoded.badRequest) decoded.badRequest = value;

@@ -161,4 +161,10 @@ test('decodeError unpacks ErrorInfo and BadRequest from grpc-status-details-bin'
   // No trailer (a deadline, a refused connection): code and message only.
   const bare = decodeError(Object.assign(new Error('x'), { code: grpc.status.DEADLINE_EXCEEDED, details: 'Deadline exceeded', metadata: new grpc.Metadata() }));
   assert.deepEqual([bare.codeName, bare.message, bare.errorInfo, bare.badRequest], ['DEADLINE_EXCEEDED', 'Deadline exceeded', null, null]);
+
+  // A trailer that is not a google.rpc.Status (a proxy's, say) is ignored, not thrown.
+  const garbage = new grpc.Metadata();
+  garbage.set('grpc-status-details-bin', Buffer.from([0xff, 0xff, 0xff]));
+  const odd = decodeError(Object.assign(new Error('x'), { code: grpc.status.INTERNAL, details: 'boom', metadata: garbage }));
+  assert.deepEqual([odd.codeName, odd.message, odd.errorInfo], ['INTERNAL', 'boom', null]);
 });
