@@ -368,6 +368,25 @@ export class TaskServiceClient {
     }));
   }
 
+  /** One page of ListTasks: `{tasks, next_page_token}`, tasks newest first.
+   * A page may be short (even empty) while next_page_token is set. */
+  async listTasksPage({ page_size = 0, page_token = '', states = [], task_name = '', exclusivity_key = '' } = {}) {
+    const request = { page_size, page_token, states, task_name, exclusivity_key };
+    const response = await unary(this.stub, 'ListTasks', request, this.timeoutMs);
+    return { tasks: response.tasks.map(toPlainTask), next_page_token: response.next_page_token };
+  }
+
+  /** Every task ListTasks finds, page after page (same filters as
+   * listTasksPage): `for await (const task of client.listTasks({states: ['TASK_STATE_RUNNING']}))`. */
+  async *listTasks(filters = {}) {
+    let page_token = '';
+    do {
+      const page = await this.listTasksPage({ ...filters, page_token });
+      yield* page.tasks;
+      page_token = page.next_page_token;
+    } while (page_token);
+  }
+
   /**
    * Every change of a task, as plain tasks, until (and including) its terminal
    * state: `for await (const task of client.watch({task_id}))`. Resume a

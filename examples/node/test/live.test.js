@@ -223,6 +223,19 @@ test('kwargs are checked against the task signature: a nested object where a str
   assert.match(error.violations[0].description, /string/);
 });
 
+test('ListTasks pages through the tasks of a key, newest first, filtered by state', TIMEOUT, async () => {
+  const key = uniqueKey('list');
+  const ids = [];
+  for (const name of ['one', 'two', 'three']) ids.push((await client.run({ task_name: 'demo.dummy', kwargs: { name, seconds: 0 }, exclusivity_key: key })).id);
+  const listed = [];
+  for await (const task of client.listTasks({ exclusivity_key: key, page_size: 2 })) listed.push(task);
+  assert.deepEqual(listed.map((t) => t.id), ids.toReversed());
+  assert.deepEqual(listed.map((t) => t.result), ['Hello three!', 'Hello two!', 'Hello one!']);
+  assert.ok(listed.every((t) => typeof t.sequence === 'number' && t.end_time instanceof Date));
+  const failed = await client.listTasksPage({ exclusivity_key: key, states: ['TASK_STATE_FAILED'] });
+  assert.deepEqual(failed.tasks, []);
+});
+
 test('an unknown task id answers NOT_FOUND, on GetStatus and WatchStatus', TIMEOUT, async () => {
   const id = randomUUID();
   const error = await rejection(client.getStatus({ task_id: id }));
