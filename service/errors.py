@@ -2,9 +2,9 @@
 
 Handlers and the backend raise the exceptions below; `to_status` turns any
 exception into a `grpc.Status` carrying a google.rpc.ErrorInfo whose reason
-a client can branch on. Errors of redis-py and kombu are translated by the
-two tables at the end (`REDIS_ERRORS`, `BROKER_ERRORS`): the most specific
-match wins. Hierarchy (code, then reason = the class's `reason`):
+a client can branch on. Errors of redis-py, kombu and py-amqp are
+translated by the two tables at the end (`REDIS_ERRORS`, `BROKER_ERRORS`):
+the most specific match wins. Hierarchy (code, then reason = the class's `reason`):
 
     TaskServiceError                      (abstract)
       InvalidArgument        INVALID_ARGUMENT    bad id, key or option; args that do not bind
@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import amqp.exceptions
 import grpc
 import kombu.exceptions
 import redis.exceptions
@@ -258,8 +259,15 @@ REDIS_ERRORS: ErrorMap = (
 BROKER_ERRORS: ErrorMap = (
     *((cls, "", BrokerMisconfigured, "the broker refused the server's credentials")
       for cls in _CREDENTIALS),
+    # RabbitMQ (py-amqp): a wrong password or user, a vhost that is not there
+    # or not the user's, a queue already declared with other arguments.
+    (amqp.exceptions.AccessRefused, "", BrokerMisconfigured, "the broker refused the server"),
+    (amqp.exceptions.NotAllowed, "", BrokerMisconfigured, "the broker refused the vhost"),
+    (amqp.exceptions.PreconditionFailed, "", BrokerMisconfigured, "the broker refused to declare"),
+    (amqp.exceptions.MessageNacked, "", BrokerUnavailable, "the broker refused the message"),
     (kombu.exceptions.OperationalError, "", BrokerUnavailable, "the broker is unreachable"),
     (redis.exceptions.RedisError, "", BrokerUnavailable, "the broker failed"),
+    (amqp.exceptions.AMQPError, "", BrokerUnavailable, "the broker failed"),
     (ConnectionError, "", BrokerUnavailable, "the broker is unreachable"),
     (TimeoutError, "", BrokerUnavailable, "the broker did not answer in time"),
     (OSError, "", BrokerUnavailable, "the broker is unreachable"),

@@ -136,9 +136,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_max_retries": 10,
         "worker_hijack_root_logger": True,
     }
-    if broker.split("://", 1)[0] in ("redis", "rediss"):
+    scheme = broker.split("://", 1)[0]
+    if scheme in ("redis", "rediss"):
         # Survives a Redis restart (see the module).
         config["broker_transport"] = "worker.redis_transport:Transport"
+    elif scheme in ("amqp", "amqps", "pyamqp"):
+        # py-amqp silently ignores the Redis option names above. Without
+        # confirms a publish returns once its bytes are in the socket buffer
+        # (a Start answered OK for a message RabbitMQ never got, and its key
+        # stayed held); without socket timeouts a broker that stops answering
+        # on an open connection blocks a publish forever.
+        config["broker_transport_options"] = {
+            "confirm_publish": True,
+            "read_timeout": timeouts["socket_timeout"],
+            "write_timeout": timeouts["socket_timeout"],
+        }
     return config
 
 

@@ -1,10 +1,19 @@
-"""TCP proxies in front of Redis that misbehave the way brokers do."""
+"""TCP proxies in front of Redis or RabbitMQ that misbehave the way brokers do."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from typing import Self
+from urllib.parse import urlsplit, urlunsplit
+
+
+def with_port(url: str, port: int) -> str:
+    """`url` (any broker URL, credentials and all) aimed at 127.0.0.1:`port`."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    address = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{address}" if credentials else address))
 
 
 class _Proxy:
@@ -19,6 +28,10 @@ class _Proxy:
     def url(self) -> str:
         """A Redis URL that goes through this proxy."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def in_place_of(self, url: str) -> str:
+        """`url` (any broker URL) with this proxy's address instead of its own."""
+        return with_port(url, self.port)
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -71,3 +84,34 @@ class BlackholeProxy(_Proxy):
         with contextlib.suppress(ConnectionError):
             while await reader.read(65536):
                 pass
+
+
+class StallingProxy(_Proxy):
+    """Forwards to a server until `stall()`; from then on it swallows whatever
+    either side sends, on connections old and new (a broker that hangs with
+    its connections open, or a network that drops packets)."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__()
+        self.target_port = target_port
+        self.stalled = False
+
+    def stall(self) -> None:
+        self.stalled = True
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.append(up_writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if not self.stalled:
+                        dst.write(data)
+                        await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import amqp.exceptions
 import grpc
 import kombu.exceptions
 import pytest
@@ -166,6 +167,15 @@ def test_redis_errors_map_by_kind(error: Exception, code: str, reason: str) -> N
         (redis.exceptions.ConnectionError("down"), "BROKER_UNAVAILABLE"),
         (OSError("unreachable"), "BROKER_UNAVAILABLE"),
         (redis.exceptions.AuthenticationError("auth"), "BROKER_MISCONFIGURED"),
+        # RabbitMQ, as py-amqp raises them: a wrong password, a missing vhost,
+        # a queue declared elsewhere with other arguments, a nacked publish,
+        # a connection the broker closed.
+        (amqp.exceptions.AccessRefused("(403) ACCESS_REFUSED"), "BROKER_MISCONFIGURED"),
+        (amqp.exceptions.NotAllowed("(530) NOT_ALLOWED - vhost"), "BROKER_MISCONFIGURED"),
+        (amqp.exceptions.PreconditionFailed("(406) PRECONDITION_FAILED"), "BROKER_MISCONFIGURED"),
+        (amqp.exceptions.MessageNacked(), "BROKER_UNAVAILABLE"),
+        (amqp.exceptions.ConnectionForced("(320) CONNECTION_FORCED"), "BROKER_UNAVAILABLE"),
+        (amqp.exceptions.RecoverableConnectionError("closed"), "BROKER_UNAVAILABLE"),
     ],
 )
 def test_broker_errors_map_to_broker_reasons(error: Exception, reason: str) -> None:
