@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -139,8 +140,13 @@ def _dev(concurrency: int) -> int:
             settings.port,
         )
         return 1
+    # The logs (Redis's too): removed on exit unless something failed.
     run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
-    redis_server = EmbeddedRedis().start()
+    try:
+        redis_server = EmbeddedRedis(directory=run_dir).start()
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
     env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
     env.setdefault("TASKSERVICE_TASKS", DEV_TASKS)
@@ -168,13 +174,20 @@ def _dev(concurrency: int) -> int:
             "tasks": settings.tasks or DEV_TASKS,
         }
     )
+    code = 1
     try:
         logger.info("grpc: %s:%d (Ctrl-C stops everything)", settings.host, settings.port)
-        return _serve(settings)
+        code = _serve(settings)
+        return code
     finally:
+        exited = worker.poll()
         stop_process_group(worker)
         redis_server.stop()
-        logger.info("stopped redis and worker; logs were in %s", run_dir)
+        if exited is None and code == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            logger.info("stopped redis and worker")
+        else:
+            logger.info("stopped redis and worker; their logs are kept in %s", run_dir)
 
 
 def _can_listen(host: str, port: int) -> bool:

@@ -102,7 +102,9 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
 ) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSERVICE_")}
-    env.update(TASKSERVICE_PORT=str(port), PYTHONPATH=str(ROOT))
+    temp = tmp_path / "tmp"  # where dev makes its folders
+    temp.mkdir()
+    env.update(TASKSERVICE_PORT=str(port), PYTHONPATH=str(ROOT), TMPDIR=str(temp))
     log = tmp_path / "dev.log"
     with open(log, "wb") as out:
         dev = subprocess.Popen(
@@ -144,6 +146,10 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
     assert not [pid for pid in children if alive(pid)]
     with pytest.raises(redis.exceptions.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+    if stop_signal == signal.SIGINT:
+        # A clean run leaves no folder behind (its logs were in one).
+        assert "taskservice-dev-" in text
+        assert not list(temp.iterdir()), log.read_text()
 
 
 def test_worker_exits_non_zero_when_celery_stops_on_an_error(
