@@ -42,10 +42,17 @@ from service.errors import (
 from service.hub import EventHub, Mailbox, Marker
 from service.publisher import Delivery, Publisher, Ticket
 from service.redis_link import RedisLink
+from service.states import state_name
 from worker import record
 from worker.app import MAX_COUNTDOWN
 from worker.record import TaskRecord
-from worker.registry import EXCLUSIVITY_KEY_PATTERN, ArgumentsInvalid, TaskRegistry, TaskType
+from worker.registry import (
+    EXCLUSIVITY_KEY_PATTERN,
+    ArgumentsInvalid,
+    TaskRegistry,
+    TaskType,
+    signature_text,
+)
 from worker.scripts import Call, Request, Scripts, transient
 
 logger = logging.getLogger(__name__)
@@ -295,7 +302,8 @@ class Backend:
                 return Started(holder, already_existed=True)
             raise TaskAlreadyRunning(
                 f"task {holder.id} ({holder.name}) is already running under exclusivity "
-                f"key {key!r}; cancel it, wait for it, or start with RETURN_EXISTING",
+                f"key {key!r}; cancel it, wait for it, or start with conflict_policy "
+                "CONFLICT_POLICY_RETURN_EXISTING",
                 task_id=holder.id,
                 exclusivity_key=key,
             )
@@ -381,7 +389,8 @@ class Backend:
             args, kwargs = task_type.check(cmd.args, cmd.kwargs)
         except ArgumentsInvalid as error:
             raise InvalidArgument(
-                f"arguments do not fit {task_type.name}{cut(str(task_type.signature))}: {error}",
+                f"arguments do not fit {task_type.name}{cut(signature_text(task_type.signature))}: "
+                f"{error}",
                 violations=error.violations,
             ) from None
         if cmd.exclusivity_key:
@@ -541,7 +550,7 @@ class Backend:
                 if rec.state == record.REVOKED:
                     return rec
                 raise TaskFinished(
-                    f"task {rec.id} already finished ({rec.state}); nothing to cancel",
+                    f"task {rec.id} already finished ({state_name(rec)}); nothing to cancel",
                     task_id=rec.id,
                 )
             if rec.cancel == "GRACEFUL":

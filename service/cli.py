@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dev", help="run an embedded Redis, a worker and the server; Ctrl-C stops all"
     )
     dev.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
+    dev.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart the worker when a Python file of the task modules or the current "
+        "directory changes (the server keeps the task signatures it started with)",
+    )
     health = commands.add_parser(
         "health",
         help="check the gRPC health service of the server at TASKSERVICE_HOST:TASKSERVICE_PORT "
@@ -70,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve_processes(Settings(), args.processes)
     if args.command == "worker":
         return _worker(extra)
-    return _dev(args.concurrency)
+    return _dev(args.concurrency, reload=args.reload)
 
 
 def _serve(settings: Settings) -> int:
@@ -137,13 +144,9 @@ def worker_command(*celery_args: str) -> list[str]:
     return tied_to_this_process([sys.executable, "-m", "service", "worker", *celery_args])
 
 
-def _dev(concurrency: int) -> int:
-    from service.embedded import (
-        EmbeddedRedis,
-        NoRedisServer,
-        redis_server_binary,
-        stop_process_group,
-    )
+def _dev(concurrency: int, *, reload: bool = False) -> int:
+    from service.dev import DevWorker, Reloader, watched_paths
+    from service.embedded import EmbeddedRedis, NoRedisServer, redis_server_binary
 
     try:
         redis_server_binary()  # before anything starts: say what to install
@@ -160,26 +163,23 @@ def _dev(concurrency: int) -> int:
             settings.port,
         )
         return 1
+    # The logs (Redis's too): removed on exit unless something failed.
     run_dir = Path(tempfile.mkdtemp(prefix="taskservice-dev-"))
-    redis_server = EmbeddedRedis().start()
+    try:
+        redis_server = EmbeddedRedis(directory=run_dir).start()
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
     env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
     env.setdefault("TASKSERVICE_TASKS", DEV_TASKS)
     env.pop("TASKSERVICE_BROKER_URL", None)
     env.pop("TASKSERVICE_RESULT_BACKEND", None)
-    worker_log = run_dir / "worker.log"
-    with open(worker_log, "wb") as log:
-        worker = subprocess.Popen(
-            worker_command("--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}"),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own session: the terminal's Ctrl-C reaches only us, and we
-            # stop the worker (and its pool) in order.
-            start_new_session=True,
-        )
-    logger.info("worker: pid %d (log %s)", worker.pid, worker_log)
+    worker = DevWorker(
+        worker_command("--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}"),
+        env,
+        run_dir / "worker.log",
+    )
     os.environ.update(TASKSERVICE_REDIS_URL=redis_server.url)
     settings = settings.model_copy(
         update={
@@ -189,13 +189,27 @@ def _dev(concurrency: int) -> int:
             "tasks": settings.tasks or DEV_TASKS,
         }
     )
+    reloader = None
+    code = 1
     try:
+        worker.start()
+        if reload:
+            reloader = Reloader(worker, watched_paths(settings.task_modules, Path.cwd()))
+            reloader.start()
         logger.info("grpc: %s:%d (Ctrl-C stops everything)", settings.host, settings.port)
-        return _serve(settings)
+        code = _serve(settings)
+        return code
     finally:
-        stop_process_group(worker)
+        if reloader is not None:
+            reloader.stop()
+        exited = worker.exit_code()
+        worker.stop()
         redis_server.stop()
-        logger.info("stopped redis and worker; logs were in %s", run_dir)
+        if exited is None and code == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            logger.info("stopped redis and worker")
+        else:
+            logger.info("stopped redis and worker; their logs are kept in %s", run_dir)
 
 
 def _health(timeout: float, service: str, client_cert: str, client_key: str) -> int:

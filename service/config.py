@@ -214,12 +214,15 @@ class Settings(BaseSettings):
 
 
 ENV_PREFIX = "TASKSERVICE_"
+CLIENT_VARIABLES = frozenset({"TASKSERVICE_ADDRESS", "TASKSERVICE_TOKEN"})
+"""Read by the client commands (service.client_cli), not settings."""
 
 
 def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
     """One line per TASKSERVICE_* variable that is no setting (a typo would
     otherwise be ignored silently), with the closest setting's name."""
     known = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+    known += sorted(CLIENT_VARIABLES)
     lines = []
     for name in sorted(environ):
         if not name.upper().startswith(ENV_PREFIX) or name.upper() in known:

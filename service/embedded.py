@@ -90,12 +90,20 @@ class EmbeddedRedis:
 
     `args` are passed on to redis-server after the defaults (which they
     override), e.g. `("--appendonly", "yes")` to keep writes across `crash()`
-    and `start()`."""
+    and `start()`. Its log and any data go to `directory`, which stays the
+    caller's to remove; without one, to a temporary folder `stop()` removes."""
 
-    def __init__(self, *, port: int | None = None, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        args: Sequence[str] = (),
+        directory: Path | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.args = tuple(args)
-        self.dir = Path(tempfile.mkdtemp(prefix="taskservice-redis-"))
+        self._owns_dir = directory is None
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="taskservice-redis-"))
         self.log = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -161,7 +169,8 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

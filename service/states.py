@@ -36,6 +36,12 @@ def task_state(rec: TaskRecord) -> pb.TaskState.ValueType:
     return _STATES.get(rec.state, pb.TASK_STATE_UNSPECIFIED)
 
 
+def state_name(rec: TaskRecord) -> str:
+    """The TaskState callers see for a record, by name (e.g. "TASK_STATE_SUCCEEDED"),
+    for messages: a caller never sees Celery's state names."""
+    return pb.TaskState.Name(task_state(rec))
+
+
 CANCEL_MODES: dict[pb.CancelMode.ValueType, str] = {
     pb.CANCEL_MODE_UNSPECIFIED: "KILL",
     pb.CANCEL_MODE_GRACEFUL: "GRACEFUL",

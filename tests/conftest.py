@@ -158,11 +158,16 @@ async def serving(settings: Settings) -> AsyncIterator[pb_grpc.TaskServiceStub]:
 
 
 @pytest.fixture(scope="session")
+def worker_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The log of the session's worker (`worker_process`)."""
+    return tmp_path_factory.mktemp("worker") / "worker.log"
+
+
+@pytest.fixture(scope="session")
 def worker_process(
-    redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
+    redis_server: EmbeddedRedis, worker_log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = start_worker(log)
+    process = start_worker(worker_log)
     yield process
     stop_process_group(process)
 

@@ -135,6 +135,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_always_retry": True,
         "result_backend_max_retries": 10,
         "worker_hijack_root_logger": True,
+        # Flower and `celery events` see tasks from the worker's own events
+        # (received, started, succeeded...: a PUBLISH each on a Redis broker),
+        # not only after enabling them remotely. No task-sent events: a Start
+        # on the same Redis pushes its message in the claim script, which
+        # sends none, and another broker would pay one more publish per Start.
+        "worker_send_task_events": True,
     }
     scheme = broker.split("://", 1)[0]
     if scheme in ("redis", "rediss"):

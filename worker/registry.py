@@ -103,12 +103,42 @@ def _cut(text: str, limit: int = 300) -> str:
 
 
 def annotation_text(annotation: Any) -> str:
-    """An annotation as written in the source, e.g. "float"; "" if none."""
+    """An annotation as written in the source, e.g. "float" or
+    "dict[str, int]", never quoted; "" if none."""
     if annotation is inspect.Parameter.empty:
         return ""
     if isinstance(annotation, str):
+        # What `from __future__ import annotations` leaves: the source text.
         return annotation
-    return getattr(annotation, "__name__", None) or repr(annotation)
+    return inspect.formatannotation(annotation)
+
+
+def signature_text(signature: inspect.Signature) -> str:
+    """`signature` as Python prints it, but with annotations as
+    `annotation_text` gives them: `(name: str = 'Bob') -> str`, where
+    str(signature) would quote string annotations (`name: 'str'`)."""
+
+    def shown(annotation: Any) -> Any:
+        if annotation is inspect.Parameter.empty:
+            return annotation
+        return _Shown(annotation_text(annotation))
+
+    parameters = [p.replace(annotation=shown(p.annotation)) for p in signature.parameters.values()]
+    return str(
+        signature.replace(
+            parameters=parameters, return_annotation=shown(signature.return_annotation)
+        )
+    )
+
+
+class _Shown:
+    """An annotation that inspect prints as the text it holds."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def __repr__(self) -> str:
+        return self._text
 
 
 def _validators(function: Callable[..., Any], signature: inspect.Signature) -> dict[str, Any]:

@@ -121,6 +121,8 @@ async def test_cancel_of_a_finished_task_is_a_failed_precondition(
         await stub.Cancel(pb.CancelRequest(task_id=task.id))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_info(caught.value).reason == "TASK_FINISHED"
+    # The API's state name, not Celery's ("SUCCESS").
+    assert "already finished (TASK_STATE_SUCCEEDED)" in (caught.value.details() or "")
     status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task
     assert status.state == pb.TASK_STATE_SUCCEEDED
 

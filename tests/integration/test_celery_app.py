@@ -34,8 +34,9 @@ TEAM_ENV = {
 
 
 @pytest.fixture(scope="module")
-def team_worker(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """The team's worker, started the team's way: plain Celery, its own app."""
+def team_worker(redis_server: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The team's worker, started the team's way: plain Celery, its own app.
+    Yields its log."""
     log = tmp_path_factory.mktemp("team") / "worker.log"
     command = [
         sys.executable, "-m", "celery", "-A", "tests.support.team_app:app", "worker",
@@ -52,13 +53,13 @@ def team_worker(redis_server: object, tmp_path_factory: pytest.TempPathFactory) 
             start_new_session=True,
         )
     wait_for_log(log, "ready.", process, timeout=60)
-    yield
+    yield log
     stop_process_group(process)
 
 
 @pytest.fixture(scope="module")
 async def team_stub(
-    team_worker: None, tmp_path_factory: pytest.TempPathFactory
+    team_worker: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[pb_grpc.TaskServiceStub]:
     log = tmp_path_factory.mktemp("team-server") / "server.log"
     process, port = await asyncio.to_thread(start_server_process, log, TEAM_ENV)
@@ -105,6 +106,14 @@ async def test_kill_cancel_of_a_running_team_task_stops_it(
     assert cancelled.task.state == pb.TASK_STATE_CANCELLED
     await asyncio.sleep(3.5)
     assert not marker.exists(), "the task ran on after a KILL answered CANCELLED"
+
+
+def test_the_team_apps_task_events_setting_is_left_as_it_is(
+    team_stub: pb_grpc.TaskServiceStub, team_worker: Path
+) -> None:
+    # The team decides (README: turn worker_send_task_events on for Flower);
+    # tracking its tasks must not switch them on behind its back.
+    assert "task events: OFF" in team_worker.read_text()
 
 
 def test_queue_for_follows_the_apps_task_routes(settings: Settings) -> None:

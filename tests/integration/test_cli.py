@@ -105,7 +105,9 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
 ) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSERVICE_")}
-    env.update(TASKSERVICE_PORT=str(port), PYTHONPATH=str(ROOT))
+    temp = tmp_path / "tmp"  # where dev makes its folders
+    temp.mkdir()
+    env.update(TASKSERVICE_PORT=str(port), PYTHONPATH=str(ROOT), TMPDIR=str(temp))
     log = tmp_path / "dev.log"
     with open(log, "wb") as out:
         dev = subprocess.Popen(
@@ -147,6 +149,90 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
     assert not [pid for pid in children if alive(pid)]
     with pytest.raises(redis.exceptions.ConnectionError):
         redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+    if stop_signal == signal.SIGINT:
+        # A clean run leaves no folder behind (its logs were in one).
+        assert "taskservice-dev-" in text
+        assert not list(temp.iterdir()), log.read_text()
+
+
+RELOADED_MODULE = """
+from worker.app import app, expose
+from worker.signals import TrackedTask
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="reload.answer")
+def answer(self: TrackedTask) -> str:
+    return {answer!r}
+"""
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen[bytes], count: int = 1) -> str:
+    """`path`'s text once it holds `text` `count` times (bounded)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        content = path.read_text(errors="replace")
+        if content.count(text) >= count:
+            return content
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} x{count} not seen:\n{path.read_text(errors='replace')}")
+
+
+def answer(stub: pb_grpc.TaskServiceStub) -> str:
+    task = stub.Start(pb.StartRequest(task_name="reload.answer")).task
+    final = list(stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id), timeout=60))[-1].task
+    assert final.state == pb.TASK_STATE_SUCCEEDED, final
+    return str(final.result.string_value)
+
+
+@pytest.mark.timeout(180)
+def test_dev_reload_restarts_the_worker_when_task_code_changes(tmp_path: Path) -> None:
+    modules, project, temp = tmp_path / "modules", tmp_path / "project", tmp_path / "tmp"
+    for folder in (modules, project, temp):
+        folder.mkdir()
+    module = modules / "reload_tasks.py"
+    module.write_text(RELOADED_MODULE.format(answer="first"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKSERVICE_")}
+    env.update(
+        TASKSERVICE_PORT=str(port),
+        TASKSERVICE_TASKS="reload_tasks",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(modules)]),
+        TMPDIR=str(temp),
+    )
+    log = tmp_path / "dev.log"
+    with open(log, "wb") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "service", "dev", "--reload", "--concurrency=1"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            stub = pb_grpc.TaskServiceStub(channel)
+            assert answer(stub) == "first"
+            text = wait_for_text(log, "reload: watching", dev)
+            assert f"{modules}, {project}" in text  # the task module's folder and the current one
+            module.write_text(RELOADED_MODULE.format(answer="second"))
+            wait_for_text(log, "reload_tasks.py changed; restarting the worker", dev)
+            wait_for_text(log, "worker: pid", dev, count=2)
+            assert answer(stub) == "second"
+            # A worker that cannot start is reported; its log is kept.
+            module.write_text("def broken(:\n")
+            text = wait_for_text(log, "worker exited with code 1", dev)
+        dev.send_signal(signal.SIGINT)
+        assert dev.wait(30) == 0, log.read_text()
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+    text = log.read_text()
+    kept = Path(text.split("their logs are kept in ", 1)[1].split()[0])
+    assert kept.parent == temp
+    assert "SyntaxError" in (kept / "worker.log").read_text()
 
 
 def test_worker_exits_non_zero_when_celery_stops_on_an_error(

@@ -264,6 +264,11 @@ async def test_arguments_are_checked_against_annotations_naming_the_parameter(
     found = violations(error)
     assert set(found) == {"kwargs.ratio", "kwargs.tags[1]"}
     assert "float" in found["kwargs.ratio"]
+    # The signature in the message is as written, annotations unquoted.
+    assert (
+        "test.typed(count: int, ratio: float = 1.0, tags: list[str] | None = None) "
+        "-> dict[str, Any]" in (error.details() or "")
+    )
     error = await expect(
         grpc.StatusCode.INVALID_ARGUMENT, stub.Start(start_request("test.sleep", "long"))
     )

@@ -51,6 +51,8 @@ async def test_seed_behaviour_second_dummy_is_rejected_with_the_first_id(
             await stub.Start(pb.StartRequest(task_name="demo.dummy"))
         assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert first.id in (caught.value.details() or "")
+        # It names the policy as the API spells it.
+        assert "conflict_policy CONFLICT_POLICY_RETURN_EXISTING" in (caught.value.details() or "")
         info = error_info(caught.value)
         assert info.reason == "TASK_ALREADY_RUNNING"
         assert info.metadata["task_id"] == first.id
@@ -199,6 +201,13 @@ async def test_list_task_types_lists_exposed_tasks_only(stub: pb_grpc.TaskServic
     assert params["name"].annotation == "str"
     assert params["name"].kind == pb.PARAMETER_KIND_POSITIONAL_OR_KEYWORD
     assert [p.required for p in types["test.write_after"].parameters] == [True, True, False]
+    # As written in the source, never quoted (test.typed's module has
+    # `from __future__ import annotations`).
+    assert [p.annotation for p in types["test.typed"].parameters] == [
+        "int",
+        "float",
+        "list[str] | None",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
+
 import amqp.exceptions
 import grpc
 import kombu.exceptions
@@ -14,6 +17,7 @@ from service import errors
 from service._proto.taskservice.v1 import task_service_pb2 as pb
 from service.servicer import _from_value, task_message
 from worker.record import TaskRecord
+from worker.registry import annotation_text, signature_text
 
 
 def fields(**extra: str) -> dict[str, str]:
@@ -182,3 +186,44 @@ def test_broker_errors_map_to_broker_reasons(error: Exception, reason: str) -> N
     mapped = errors.broker_error(error)
     assert mapped is not None and mapped.reason == reason
     assert errors.broker_error(KeyError("bug")) is None
+
+
+def _under_future_annotations(
+    name: str = "Bob", *, tags: list[str] | None = None
+) -> dict[str, int]:
+    return {}
+
+
+def test_annotations_print_as_written_without_quotes() -> None:
+    # This module has `from __future__ import annotations`: the annotations are strings.
+    signature = inspect.signature(_under_future_annotations)
+    assert [annotation_text(p.annotation) for p in signature.parameters.values()] == [
+        "str",
+        "list[str] | None",
+    ]
+    assert signature_text(signature) == (
+        "(name: str = 'Bob', *, tags: list[str] | None = None) -> dict[str, int]"
+    )
+    # Evaluated annotations (a module without the future import) print the same.
+    optional_int = typing.Optional[int]  # noqa: UP045 (as older code writes it)
+    evaluated = inspect.Signature(
+        [
+            inspect.Parameter("a", inspect.Parameter.POSITIONAL_ONLY, annotation=str),
+            inspect.Parameter(
+                "b", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=dict[str, int]
+            ),
+            inspect.Parameter("c", inspect.Parameter.KEYWORD_ONLY, annotation=optional_int),
+            inspect.Parameter("d", inspect.Parameter.KEYWORD_ONLY),
+        ],
+        return_annotation=None,
+    )
+    assert [annotation_text(p.annotation) for p in evaluated.parameters.values()] == [
+        "str",
+        "dict[str, int]",
+        "Optional[int]",
+        "",
+    ]
+    assert (
+        signature_text(evaluated)
+        == "(a: str, /, b: dict[str, int], *, c: Optional[int], d) -> None"
+    )

@@ -42,7 +42,10 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 5
     """Cancelled by a Cancel call; or never enqueued because its Start failed
-    (`error.type` "NotEnqueued").
+    (`error.type` "NotEnqueued"). A task stopped by TERMINATE or KILL, or
+    cancelled while queued, has no outcome; after a GRACEFUL cancel it has
+    the `result` it returned or the `error` it raised (see
+    CANCEL_MODE_GRACEFUL).
     """
     TASK_STATE_LOST: _TaskState.ValueType  # 6
     """The worker running it died (killed, out of memory, crashed) or stopped
@@ -69,7 +72,10 @@ could not be encoded as JSON; `error` says which.
 """
 TASK_STATE_CANCELLED: TaskState.ValueType  # 5
 """Cancelled by a Cancel call; or never enqueued because its Start failed
-(`error.type` "NotEnqueued").
+(`error.type` "NotEnqueued"). A task stopped by TERMINATE or KILL, or
+cancelled while queued, has no outcome; after a GRACEFUL cancel it has
+the `result` it returned or the `error` it raised (see
+CANCEL_MODE_GRACEFUL).
 """
 TASK_STATE_LOST: TaskState.ValueType  # 6
 """The worker running it died (killed, out of memory, crashed) or stopped
@@ -116,7 +122,9 @@ class _CancelModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelMode
     """Same as CANCEL_MODE_KILL."""
     CANCEL_MODE_GRACEFUL: _CancelMode.ValueType  # 1
     """Do not interrupt a running task: it runs to its end (task code may poll
-    `self.cancel_requested()` to stop early) and then ends CANCELLED.
+    `self.cancel_requested()` to stop early) and then ends CANCELLED, with
+    the `result` it returned, or with the `error` it raised to stop early
+    (e.g. type "InterruptedError", its message and traceback).
     """
     CANCEL_MODE_TERMINATE: _CancelMode.ValueType  # 2
     """Send SIGTERM to the process running the task."""
@@ -132,7 +140,9 @@ CANCEL_MODE_UNSPECIFIED: CancelMode.ValueType  # 0
 """Same as CANCEL_MODE_KILL."""
 CANCEL_MODE_GRACEFUL: CancelMode.ValueType  # 1
 """Do not interrupt a running task: it runs to its end (task code may poll
-`self.cancel_requested()` to stop early) and then ends CANCELLED.
+`self.cancel_requested()` to stop early) and then ends CANCELLED, with
+the `result` it returned, or with the `error` it raised to stop early
+(e.g. type "InterruptedError", its message and traceback).
 """
 CANCEL_MODE_TERMINATE: CancelMode.ValueType  # 2
 """Send SIGTERM to the process running the task."""
@@ -208,7 +218,10 @@ class Task(_message.Message):
     worker: _builtins.str
     """The hostname of the worker that executed it (Celery's `celery@host`)."""
     exclusivity_key: _builtins.str
-    """The exclusivity key the task holds while active; empty if none."""
+    """The exclusivity key the task was started under (the request's, or its
+    type's default); empty if none. It stays set after the task ends, but
+    only an active task holds the key: a terminal state freed it.
+    """
     sequence: _builtins.int
     """The per-task sequence number of the change this snapshot reflects:
     1 when created, then +1 for every change (start, progress, finish,
@@ -226,7 +239,10 @@ class Task(_message.Message):
 
     @_builtins.property
     def error(self) -> Global___TaskError:
-        """Why a FAILED or LOST task did not succeed."""
+        """Why a FAILED or LOST task did not succeed. Also set on a CANCELLED
+        task: the exception a gracefully cancelled task raised (e.g.
+        "InterruptedError", with its traceback), or "NotEnqueued".
+        """
 
     @_builtins.property
     def progress(self) -> Global___Progress:
@@ -362,7 +378,8 @@ class StartOptions(_message.Message):
     @_builtins.property
     def countdown(self) -> _duration_pb2.Duration:
         """Wait this long before the task may run. Must be non-negative and at most
-        one hour (the broker's visibility timeout bounds longer delays).
+        one hour, 3600s (the broker's visibility timeout bounds longer delays):
+        longer is INVALID_ARGUMENT.
         """
 
     @_builtins.property
@@ -462,12 +479,14 @@ class StartResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     ALREADY_EXISTED_FIELD_NUMBER: _builtins.int
     already_existed: _builtins.bool
-    """True when `task` is an unfinished task returned by RETURN_EXISTING
-    rather than a new one.
+    """True when `task` is an unfinished task returned by
+    CONFLICT_POLICY_RETURN_EXISTING rather than a new one.
     """
     @_builtins.property
     def task(self) -> Global___Task:
-        """The started task, or with RETURN_EXISTING the unfinished one."""
+        """The started task, or with CONFLICT_POLICY_RETURN_EXISTING the
+        unfinished one.
+        """
 
     def __init__(
         self,

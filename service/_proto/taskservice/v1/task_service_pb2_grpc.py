@@ -108,9 +108,9 @@ class TaskServiceServicer(object):
 
         With an exclusivity key (given, or the task type's default), at most one
         task runs under the key at a time: a Start while another task under the
-        key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-        returns that task (policy RETURN_EXISTING), at once, however many
-        callers race for the key.
+        key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
+        default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
+        however many callers race for the key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,9 +55,9 @@ class TaskServiceStub:
 
     With an exclusivity key (given, or the task type's default), at most one
     task runs under the key at a time: a Start while another task under the
-    key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-    returns that task (policy RETURN_EXISTING), at once, however many
-    callers race for the key.
+    key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
+    default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
+    however many callers race for the key.
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]
     """GetStatus returns a task by id, or the current (else the most recent)
@@ -118,9 +118,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
 
     With an exclusivity key (given, or the task type's default), at most one
     task runs under the key at a time: a Start while another task under the
-    key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-    returns that task (policy RETURN_EXISTING), at once, however many
-    callers race for the key.
+    key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
+    default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
+    however many callers race for the key.
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus returns a task by id, or the current (else the most recent)
@@ -184,9 +184,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
 
         With an exclusivity key (given, or the task type's default), at most one
         task runs under the key at a time: a Start while another task under the
-        key is unfinished answers ALREADY_EXISTS (policy REJECT, the default) or
-        returns that task (policy RETURN_EXISTING), at once, however many
-        callers race for the key.
+        key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
+        default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
+        however many callers race for the key.
         """
 
     @_abc_1.abstractmethod
