@@ -22,6 +22,7 @@ Redis restart or failover does not lose it.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import traceback
 import uuid
@@ -249,6 +250,19 @@ class Tracked(Task):  # type: ignore[type-arg]
         except Exception as exc:
             reporter.fail(task_id, type(exc).__name__, str(exc), traceback.format_exc())
             raise
+        except SystemExit as exc:
+            # The pool process is being stopped (billiard turns SIGTERM into
+            # SystemExit), after the body's own cleanup ran. A TERMINATE
+            # cancel ends here, and only now: see _on_revoked. Any other stop
+            # is a lost worker, as the lease will say.
+            if reporter.cancel_requested(task_id):
+                reporter.fail(
+                    task_id,
+                    "Terminated",
+                    f"stopped by a TERMINATE cancel ({exc!r})",
+                    traceback.format_exc(),
+                )
+            raise
         reporter.succeed(task_id, result)
         return result
 
@@ -350,11 +364,27 @@ def _on_failure(
     reporter.finish(task_id, state, fields)
 
 
-def _on_revoked(sender: Task, request: Any = None, **_: Any) -> None:  # type: ignore[type-arg]
+def _on_revoked(
+    sender: Task,  # type: ignore[type-arg]
+    request: Any = None,
+    terminated: bool = False,
+    signum: Any = None,
+    **_: Any,
+) -> None:
     task_id = getattr(request, "id", None)
     reporter = reporter_of(sender.app)
-    if task_id and reporter:
-        reporter.finish(task_id, record.REVOKED, {})
+    if not task_id or reporter is None:
+        return
+    if terminated and str(signum) in _SOFT_SIGNALS:
+        # Celery says "revoked" as soon as it sent SIGTERM, while the task's
+        # cleanup (finally:, __exit__) still runs: the task records its own
+        # end when it is done (Tracked.__call__). Should it never, its lease
+        # lapses (Celery no longer counts it as active) and it ends then.
+        return
+    reporter.finish(task_id, record.REVOKED, {})
+
+
+_SOFT_SIGNALS = frozenset({str(int(signal.SIGTERM)), "SIGTERM", "TERM"})
 
 
 def _on_internal_error(

@@ -177,11 +177,15 @@ async def test_terminate_lets_the_task_clean_up_and_kill_does_not(
 ) -> None:
     for mode, cleaned_up in [(pb.CANCEL_MODE_TERMINATE, True), (pb.CANCEL_MODE_KILL, False)]:
         marker = tmp_path / pb.CancelMode.Name(mode)
-        task = await start(stub, "test.finally_marker", path=str(marker), seconds=30)
+        task = await start(stub, "test.finally_marker", path=str(marker), seconds=30, cleanup=1.5)
         await running(stub, task.id, Path(str(marker) + ".pid"))
         done = (await stub.Cancel(pb.CancelRequest(task_id=task.id, mode=mode))).task
+        # CANCELLED only once the task really stopped: a TERMINATE waits for
+        # its 1.5 s of cleanup, which a KILL never lets happen.
         assert done.state == pb.TASK_STATE_CANCELLED
         assert marker.exists() == cleaned_up, pb.CancelMode.Name(mode)
+        if cleaned_up:
+            assert done.error.type == "Terminated"
 
 
 async def test_a_cancel_after_a_retry_never_frees_the_key_while_the_retry_runs(

@@ -73,12 +73,14 @@ def log_run(self: TrackedTask, path: str, seconds: float = 0) -> str:
 
 @expose()
 @app.task(bind=True, base=TrackedTask, name="test.finally_marker")
-def finally_marker(self: TrackedTask, path: str, seconds: float) -> None:
-    """Publish our pid, sleep, and write `path` in `finally:` (whatever stops us)."""
+def finally_marker(self: TrackedTask, path: str, seconds: float, cleanup: float = 0) -> None:
+    """Publish our pid, sleep, and in `finally:` (whatever stops us) take
+    `cleanup` seconds, then write `path`."""
     _publish_pid(path)
     try:
         time.sleep(seconds)
     finally:
+        time.sleep(cleanup)
         Path(path).write_text("finally ran")
 
 

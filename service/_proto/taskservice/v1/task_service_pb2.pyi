@@ -42,8 +42,9 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 5
     """Cancelled by a Cancel call; or never enqueued because its Start failed
-    (`error.type` "NotEnqueued"). A task stopped by TERMINATE or KILL, or
-    cancelled while queued, has no outcome; after a GRACEFUL cancel it has
+    (`error.type` "NotEnqueued"). A task stopped by KILL, or cancelled
+    while queued, has no outcome; one stopped by TERMINATE has `error.type`
+    "Terminated" (its cleanup ran first); after a GRACEFUL cancel it has
     the `result` it returned or the `error` it raised (see
     CANCEL_MODE_GRACEFUL).
     """
@@ -72,8 +73,9 @@ could not be encoded as JSON; `error` says which.
 """
 TASK_STATE_CANCELLED: TaskState.ValueType  # 5
 """Cancelled by a Cancel call; or never enqueued because its Start failed
-(`error.type` "NotEnqueued"). A task stopped by TERMINATE or KILL, or
-cancelled while queued, has no outcome; after a GRACEFUL cancel it has
+(`error.type` "NotEnqueued"). A task stopped by KILL, or cancelled
+while queued, has no outcome; one stopped by TERMINATE has `error.type`
+"Terminated" (its cleanup ran first); after a GRACEFUL cancel it has
 the `result` it returned or the `error` it raised (see
 CANCEL_MODE_GRACEFUL).
 """
@@ -127,7 +129,9 @@ class _CancelModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelMode
     (e.g. type "InterruptedError", its message and traceback).
     """
     CANCEL_MODE_TERMINATE: _CancelMode.ValueType  # 2
-    """Send SIGTERM to the process running the task."""
+    """Send SIGTERM to the process running the task: its cleanup (`finally:`,
+    context managers) runs, and the task ends CANCELLED once that is done.
+    """
     CANCEL_MODE_KILL: _CancelMode.ValueType  # 3
     """Send SIGKILL to the process running the task: nothing after this point
     of the task runs.
@@ -145,7 +149,9 @@ the `result` it returned, or with the `error` it raised to stop early
 (e.g. type "InterruptedError", its message and traceback).
 """
 CANCEL_MODE_TERMINATE: CancelMode.ValueType  # 2
-"""Send SIGTERM to the process running the task."""
+"""Send SIGTERM to the process running the task: its cleanup (`finally:`,
+context managers) runs, and the task ends CANCELLED once that is done.
+"""
 CANCEL_MODE_KILL: CancelMode.ValueType  # 3
 """Send SIGKILL to the process running the task: nothing after this point
 of the task runs.
