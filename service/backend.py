@@ -123,17 +123,18 @@ class Started:
 def parse_task_id(task_id: str) -> str:
     """The canonical form of a task id; InvalidArgument if it is no UUID."""
     if not task_id:
-        raise InvalidArgument("task_id is required")
+        raise InvalidArgument.of("task_id", "task_id is required")
     try:
         return str(uuid.UUID(task_id))
     except ValueError:
-        raise InvalidArgument(f"task_id {task_id[:80]!r} is not a UUID") from None
+        raise InvalidArgument.of("task_id", f"task_id {task_id[:80]!r} is not a UUID") from None
 
 
 def check_exclusivity_key(key: str) -> str:
     if not EXCLUSIVITY_KEY_PATTERN.fullmatch(key):
-        raise InvalidArgument(
-            f"exclusivity_key {key[:80]!r} must be 1-128 characters of [A-Za-z0-9._:@/-]"
+        raise InvalidArgument.of(
+            "exclusivity_key",
+            f"exclusivity_key {key[:80]!r} must be 1-128 characters of [A-Za-z0-9._:@/-]",
         )
     return key
 
@@ -372,7 +373,7 @@ class Backend:
         """The task type, and the command with its arguments converted to the
         task's annotations; InvalidArgument (naming the field) if anything is off."""
         if not cmd.task_name:
-            raise InvalidArgument("task_name is required")
+            raise InvalidArgument.of("task_name", "task_name is required")
         task_type = self._registry.get(cmd.task_name)
         if task_type is None:
             raise TaskTypeNotFound(
@@ -398,21 +399,25 @@ class Backend:
         if cmd.queue:
             self._check_queue(cmd.queue, cmd.task_name)
         if cmd.countdown is not None and not 0 <= cmd.countdown <= MAX_COUNTDOWN:
-            raise InvalidArgument(
-                f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s"
+            raise InvalidArgument.of(
+                "options.countdown",
+                f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s",
             )
         for name, limit in (
             ("time_limit", cmd.time_limit),
             ("soft_time_limit", cmd.soft_time_limit),
         ):
             if limit is not None and limit <= 0:
-                raise InvalidArgument(f"{name} must be positive, not {limit:g}s")
+                message = f"{name} must be positive, not {limit:g}s"
+                raise InvalidArgument.of(f"options.{name}", message)
         if (
             cmd.time_limit is not None
             and cmd.soft_time_limit is not None
             and cmd.soft_time_limit >= cmd.time_limit
         ):
-            raise InvalidArgument("soft_time_limit must be below time_limit")
+            raise InvalidArgument.of(
+                "options.soft_time_limit", "soft_time_limit must be below time_limit"
+            )
         return task_type, dataclasses.replace(cmd, args=args, kwargs=kwargs)
 
     def _check_queue(self, queue: str, task_name: str) -> None:

@@ -73,6 +73,11 @@ class InvalidArgument(TaskServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
+    @classmethod
+    def of(cls, field: str, message: str) -> InvalidArgument:
+        """One field's problem: the message, and a BadRequest violation naming it."""
+        return cls(message, violations=[(field, message)])
+
 
 class TaskTypeNotFound(InvalidArgument):
     """The task name is not one ListTaskTypes lists."""

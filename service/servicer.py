@@ -63,7 +63,9 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         if request.conflict_policy not in pb.ConflictPolicy.values():
-            raise errors.InvalidArgument(f"unknown conflict_policy {request.conflict_policy}")
+            raise errors.InvalidArgument.of(
+                "conflict_policy", f"unknown conflict_policy {request.conflict_policy}"
+            )
         options = request.options
         started = await self._backend.start(
             StartCommand(
@@ -99,7 +101,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     ) -> bytes:
         mode = CANCEL_MODES.get(request.mode)
         if mode is None:
-            raise errors.InvalidArgument(f"unknown cancel mode {request.mode}")
+            raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}")
         return self._answer(
             await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
         )
@@ -168,7 +170,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
             return request.task_id
         if which == "exclusivity_key":
             return await self._backend.resolve_key(request.exclusivity_key)
-        raise errors.InvalidArgument("give task_id or exclusivity_key")
+        raise errors.InvalidArgument.of("selector", "give task_id or exclusivity_key")
 
 
 def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
@@ -248,7 +250,8 @@ def _seconds(options: pb.StartOptions, name: str) -> float | None:
         return None
     duration: duration_pb2.Duration = getattr(options, name)
     if not -315_576_000_000 <= duration.seconds <= 315_576_000_000 or abs(duration.nanos) >= 10**9:
-        raise errors.InvalidArgument(f"options.{name} is not a valid Duration")
+        message = f"options.{name} is not a valid Duration"
+        raise errors.InvalidArgument.of(f"options.{name}", message)
     return float(duration.seconds) + duration.nanos / 1e9
 
 

@@ -58,7 +58,7 @@ class TaskType:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as error:
-            raise ArgumentsInvalid([("args", _cut(str(error)))]) from None
+            raise ArgumentsInvalid([(_bind_field(str(error)), _cut(str(error)))]) from None
         violations: list[tuple[str, str]] = []
         checked_args: list[Any] = []
         checked_kwargs: dict[str, Any] = {}
@@ -95,6 +95,16 @@ class TaskType:
             annotation = annotation_text(self.signature.parameters[name].annotation)
             violations.append((where + inside, f"{detail['msg']} (annotation: {annotation})"))
             return value
+
+
+_NAMED = re.compile(r"argument:? '([^']{1,60})'")
+
+
+def _bind_field(message: str) -> str:
+    """The field a binding error is about: `kwargs.<name>` for an unexpected
+    keyword or a missing argument, else `args` (too many positionals)."""
+    named = _NAMED.search(message)
+    return f"kwargs.{named.group(1)}" if named else "args"
 
 
 def _cut(text: str, limit: int = 300) -> str:

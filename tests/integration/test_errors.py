@@ -275,6 +275,47 @@ async def test_arguments_are_checked_against_annotations_naming_the_parameter(
     assert set(violations(error)) == {"args[0]"}
 
 
+def _start(**fields: Any) -> pb.StartRequest:
+    request = start_request(str(fields.pop("task_name", "test.echo")))
+    for name, field_value in fields.items():
+        if name in ("countdown", "time_limit", "soft_time_limit"):
+            getattr(request.options, name).FromSeconds(field_value)
+        elif name == "kwargs":
+            request.kwargs.update(field_value)
+        else:
+            setattr(request, name, field_value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (("start", {"task_name": ""}), "task_name"),
+        (("start", {"exclusivity_key": "no spaces"}), "exclusivity_key"),
+        (("start", {"countdown": 4000}), "options.countdown"),
+        (("start", {"time_limit": 5, "soft_time_limit": 9}), "options.soft_time_limit"),
+        (("start", {"conflict_policy": 7}), "conflict_policy"),
+        (("start", {"task_name": "test.sleep", "kwargs": {"seconds": 1, "x": 2}}), "kwargs.x"),
+        (("start", {"task_name": "test.sleep"}), "kwargs.seconds"),
+        (("get", {"task_id": "not-a-uuid"}), "task_id"),
+        (("get", {}), "selector"),
+        (("cancel", {"task_id": ""}), "task_id"),
+    ],
+)
+async def test_every_invalid_argument_names_its_field_in_a_bad_request(
+    stub: pb_grpc.TaskServiceStub, call: tuple[str, dict[str, Any]], field: str
+) -> None:
+    method, fields = call
+    if method == "start":
+        pending = stub.Start(_start(**fields))
+    elif method == "get":
+        pending = stub.GetStatus(pb.GetStatusRequest(**fields))
+    else:
+        pending = stub.Cancel(pb.CancelRequest(**fields))
+    error = await expect(grpc.StatusCode.INVALID_ARGUMENT, pending)
+    assert field in violations(error), (field, error.details())
+
+
 async def test_arguments_arrive_converted_to_their_annotations(
     stub: pb_grpc.TaskServiceStub,
 ) -> None:
