@@ -13,7 +13,8 @@ the drain gate.
 - Whatever a handler raises leaves as its gRPC status (errors.to_status).
 - Every answer is counted by method and code, unary ones timed, open
   streams gauged (service.metrics); the label children are resolved when
-  the method is wrapped, so a call pays a dict lookup and two increments.
+  the method is wrapped, so a call pays a dict lookup and two increments
+  (nothing when the server serves no metrics).
 
 The guard wraps each method's handler once, when the service is added
 (`Guard.add`), rather than as a gRPC interceptor: an interceptor runs per
@@ -108,7 +109,7 @@ class Guard:
         self, tokens: Tokens | None = None, *, metrics: ServerMetrics | None = None
     ) -> None:
         self._tokens = tokens
-        self._metrics = metrics or ServerMetrics()
+        self._metrics = metrics or ServerMetrics(per_call=False)
         self._draining = False
         self._in_flight = 0
         self._last_call = 0.0

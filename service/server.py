@@ -125,7 +125,8 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     # Several processes (serve --processes) write files one of them serves;
     # a single one keeps its metrics in its own registry.
     metrics_registry = None if multiprocess_mode() else own_registry()
-    metrics = ServerMetrics(metrics_registry)
+    served = bool(settings.metrics_port) or multiprocess_mode()
+    metrics = ServerMetrics(metrics_registry, per_call=served)
     backend = Backend(settings, registry, publisher, link, hub, metrics=metrics)
 
     guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics)
