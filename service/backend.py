@@ -222,8 +222,6 @@ class Backend:
     # -- Start ---------------------------------------------------------------
 
     async def start(self, cmd: StartCommand) -> Started:
-        if cmd.request_id:
-            bind_contextvars(request_id=cmd.request_id)
         request = self._request(
             cmd.request_id,
             "Start",
@@ -237,6 +235,8 @@ class Backend:
             cmd.time_limit,
             cmd.soft_time_limit,
         )
+        if request is not None:  # a valid one: no caller's junk in the logs
+            bind_contextvars(request_id=request.id)
         task_type, cmd = self._check_start(cmd)
         answer_by = None
         if cmd.time_remaining is not None:
@@ -547,12 +547,10 @@ class Backend:
         """Cancel; `mode` is GRACEFUL, TERMINATE or KILL. With a request id, a
         repeated Cancel answers as the first did."""
         task_id = parse_task_id(task_id)
-        if request_id:
-            bind_contextvars(task_id=task_id, request_id=request_id)
-        else:
-            bind_contextvars(task_id=task_id)
+        bind_contextvars(task_id=task_id)
         request = self._request(request_id, "Cancel", task_id, mode)
         if request is not None:
+            bind_contextvars(request_id=request.id)
             key = record.request_key(self._prefix, request.id)
             flat = await self._redis.execute("HGETALL", key)
             seen = dict(zip(flat[::2], flat[1::2], strict=True))
