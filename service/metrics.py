@@ -38,7 +38,6 @@ in that folder and the serving process sums every process's.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable
@@ -55,8 +54,6 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
-
-logger = logging.getLogger(__name__)
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus_client's multiprocess folder; it must be set before
