@@ -5,6 +5,11 @@ Every record change is one Lua script (worker.scripts), so each decision
 (is the key free? may this task be cancelled? has its lease lapsed?) and its
 write happen in one atomic step. Redis is used through redis.asyncio; Celery's
 blocking calls go through service.publisher.
+
+Each operation binds what it knows about its task (task_id, exclusivity_key,
+request_id) to the logging context as soon as it knows it, so every line
+logged on its behalf carries them (service.logs); ends it makes, Starts and
+conflicts are counted in service.metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.exceptions
+from structlog.contextvars import bind_contextvars, bound_contextvars
 
 from service.config import Settings
 from service.errors import (
@@ -40,9 +46,10 @@ from service.errors import (
     cut,
 )
 from service.hub import EventHub, Mailbox, Marker
+from service.metrics import ServerMetrics
 from service.publisher import Delivery, Publisher, Ticket
 from service.redis_link import RedisLink
-from service.states import state_name
+from service.states import STATE_LABELS, state_name
 from worker import record
 from worker.app import MAX_COUNTDOWN
 from worker.record import TaskRecord
@@ -120,6 +127,19 @@ class Started:
     already_existed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """A task the sweeper ended because its lease lapsed."""
+
+    task_id: str
+    task_name: str
+    exclusivity_key: str
+    state: str
+    """Its record state now: LOST, or REVOKED (its Start never confirmed that
+    the broker had it, or a cancel had been asked for)."""
+    error_type: str
+
+
 def parse_task_id(task_id: str) -> str:
     """The canonical form of a task id; InvalidArgument if it is no UUID."""
     if not task_id:
@@ -149,6 +169,8 @@ class Backend:
         publisher: Publisher,
         link: RedisLink,
         hub: EventHub,
+        *,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -158,6 +180,7 @@ class Backend:
         self._prefix = settings.key_prefix
         self._scripts = Scripts(settings.key_prefix, settings.record_ttl)
         self._background: set[asyncio.Future[None]] = set()
+        self._metrics = metrics or ServerMetrics()
 
     @property
     def hub(self) -> EventHub:
@@ -219,6 +242,8 @@ class Backend:
             cmd.time_limit,
             cmd.soft_time_limit,
         )
+        if request is not None:  # a valid one: no caller's junk in the logs
+            bind_contextvars(request_id=request.id)
         task_type, cmd = self._check_start(cmd)
         answer_by = None
         if cmd.time_remaining is not None:
@@ -255,6 +280,10 @@ class Backend:
     ) -> Started:
         key = cmd.exclusivity_key or task_type.default_exclusivity_key
         task_id = str(uuid.uuid4())
+        if key:
+            bind_contextvars(task_id=task_id, exclusivity_key=key)
+        else:
+            bind_contextvars(task_id=task_id)
         queue = cmd.queue or self._publisher.queue_for(cmd.task_name)
         scheduled = time.time() + cmd.countdown if cmd.countdown else None
         fields = record.new_record_fields(
@@ -300,7 +329,9 @@ class Backend:
         if status == "held":
             holder = TaskRecord.from_json(detail)
             if cmd.return_existing:
+                self._metrics.conflicts.labels(cmd.task_name, "return_existing").inc()
                 return Started(holder, already_existed=True)
+            self._metrics.conflicts.labels(cmd.task_name, "fail").inc()
             raise TaskAlreadyRunning(
                 f"task {holder.id} ({holder.name}) is already running under exclusivity "
                 f"key {key!r}; cancel it, wait for it, or start with conflict_policy "
@@ -310,6 +341,7 @@ class Backend:
             )
         accepted = TaskRecord.from_fields(fields)
         if push is not None:
+            self._metrics.tasks_started.labels(cmd.task_name).inc()
             return Started(accepted, already_existed=False)  # enqueued with its claim
         try:
             with self._publisher.admit() as ticket:
@@ -317,6 +349,7 @@ class Backend:
         except (Exception, asyncio.CancelledError) as exc:
             if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
                 raise
+            self._metrics.tasks_started.labels(cmd.task_name).inc()
             return Started(accepted, already_existed=False)
         # The broker has the message: a worker may run it any moment, so this
         # Start must not answer an error because Redis blinked now.
@@ -327,6 +360,7 @@ class Backend:
             raise BrokerUnavailable(
                 f"the broker took task {task_id} too late: it was given up and will not run; retry"
             )
+        self._metrics.tasks_started.labels(cmd.task_name).inc()
         return Started(accepted, already_existed=False)
 
     async def _settled(self, task_id: str) -> TaskRecord | None:
@@ -367,6 +401,7 @@ class Backend:
         if status == "moved" and not _never_enqueued(TaskRecord.from_json(detail)):
             logger.info("task %s reached a worker although its publish reported %r", task_id, error)
             return False
+        logger.warning("Start gave its task up: %s", message)
         return True
 
     def _check_start(self, cmd: StartCommand) -> tuple[TaskType, StartCommand]:
@@ -442,6 +477,7 @@ class Backend:
     async def get(self, task_id: str) -> TaskRecord:
         """The task's record; a task whose lease lapsed is ended LOST first."""
         task_id = parse_task_id(task_id)
+        bind_contextvars(task_id=task_id)
         payload = await self._run(self._scripts.read(task_id))
         if payload is None:
             raise TaskNotFound(
@@ -453,6 +489,7 @@ class Backend:
     async def resolve_key(self, key: str) -> str:
         """The id of the current (else the latest) task under `key`."""
         check_exclusivity_key(key)
+        bind_contextvars(exclusivity_key=key)
         task_id = await self._redis.execute("GET", record.holder_key(self._prefix, key))
         if not task_id:
             raise KeyNotFound(
@@ -523,8 +560,10 @@ class Backend:
         """Cancel; `mode` is GRACEFUL, TERMINATE or KILL. With a request id, a
         repeated Cancel answers as the first did."""
         task_id = parse_task_id(task_id)
+        bind_contextvars(task_id=task_id)
         request = self._request(request_id, "Cancel", task_id, mode)
         if request is not None:
+            bind_contextvars(request_id=request.id)
             key = record.request_key(self._prefix, request.id)
             flat = await self._redis.execute("HGETALL", key)
             seen = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -545,7 +584,11 @@ class Backend:
             if status == "missing":
                 raise TaskNotFound(f"no task {task_id}: its record expired", task_id=task_id)
             rec = TaskRecord.from_json(detail)
+            if rec.exclusivity_key:
+                bind_contextvars(exclusivity_key=rec.exclusivity_key)
             if status == "cancelled":
+                self._ended(rec.name, rec.state)
+                logger.info("task cancelled (%s) while queued: it will not run", mode)
                 # The record already forbids running it (the worker checks);
                 # the broadcast only spares a worker holding it some work, so
                 # the answer does not wait for the broker.
@@ -558,6 +601,7 @@ class Backend:
                     f"task {rec.id} already finished ({state_name(rec)}); nothing to cancel",
                     task_id=rec.id,
                 )
+            logger.info("cancel (%s) of the running task asked of its worker", rec.cancel)
             if rec.cancel == "GRACEFUL":
                 return rec
             # Sent again on a repeated Cancel: the first broadcast may have
@@ -614,6 +658,7 @@ class Backend:
         """The current record (or, with `after`, every change after that
         sequence number), then every change, ending after a terminal one."""
         task_id = parse_task_id(task_id)
+        bind_contextvars(task_id=task_id)
         # Subscribe before reading: a change made meanwhile waits in the
         # mailbox, never lost; what was already sent is skipped by sequence.
         async with self._hub.watch(task_id) as events:
@@ -654,15 +699,41 @@ class Backend:
 
     # -- Leases --------------------------------------------------------------
 
-    async def sweep(self, batch: int = 100) -> int:
+    async def sweep(self, batch: int = 100) -> list[Expired]:
         """End every task whose lease lapsed (LOST, or its Start abandoned);
-        the number ended."""
-        ended = 0
+        the tasks ended, each logged and counted."""
+        ended: list[Expired] = []
         while True:
-            count, seen = await self._run(self._scripts.sweep(batch))
-            ended += int(count)
+            _, seen, *found = await self._run(self._scripts.sweep(batch))
+            for n in range(0, len(found), 5):
+                expired = Expired(*(str(value) for value in found[n : n + 5]))
+                self._expired(expired)
+                ended.append(expired)
             if int(seen) < batch:
                 return ended
+
+    def _expired(self, expired: Expired) -> None:
+        self._metrics.lease_expiries.inc()
+        context = {"task_id": expired.task_id}
+        if expired.exclusivity_key:
+            context["exclusivity_key"] = expired.exclusivity_key
+        with bound_contextvars(**context):
+            if expired.error_type == record.NOT_ENQUEUED_ERROR:
+                # Never counted as started: the server that accepted it
+                # stopped before the broker confirmed.
+                logger.warning("task given up: its Start never confirmed that the broker had it")
+                return
+            self._ended(expired.task_name, expired.state)
+            logger.info(
+                "task ended %s: its lease lapsed (no worker vouched for it)",
+                STATE_LABELS.get(expired.state, expired.state),
+            )
+
+    def _ended(self, task_name: str, state: str) -> None:
+        """Count an end this server made; a task type no longer exposed is
+        counted without its name (label values stay bounded)."""
+        name = task_name if self._registry.get(task_name) is not None else ""
+        self._metrics.tasks_ended.labels(name, STATE_LABELS.get(state, state.lower())).inc()
 
 
 def _reused(request: Request | None) -> InvalidArgument:

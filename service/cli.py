@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from service import client_cli
+from service import client_cli, logs
 from service.config import Settings, unknown_variables
 
 logger = logging.getLogger("taskservice")
@@ -68,9 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":  # one line of its own, no logging
         return _health(args.timeout, args.service, args.cert_file, args.key_file)
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(log_format(args.command, Settings()))
     for line in unknown_variables():
         logger.warning("%s", line)
     if args.command == "serve":
@@ -78,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         return _worker(extra)
     return _dev(args.concurrency, reload=args.reload)
+
+
+def log_format(command: str, settings: Settings) -> str:
+    """How `command` logs: as `settings` say, but readable in `dev` unless
+    TASKSERVICE_LOG_FORMAT is set."""
+    if command == "dev" and "log_format" not in settings.model_fields_set:
+        return "console"  # a person reads it
+    return settings.log_format
 
 
 def _serve(settings: Settings) -> int:
@@ -102,6 +108,14 @@ def _serve_processes(settings: Settings, count: int) -> int:
     from service.embedded import tied_to_this_process
 
     env = {**os.environ, "TASKSERVICE_REUSE_PORT": "true"}
+    metrics_folder = ""
+    if settings.metrics_port:
+        # Every process writes its metrics to files in one folder; this one
+        # serves their sum. prometheus_client reads the variable when first
+        # imported, which in this process is still to come (service.server).
+        metrics_folder = tempfile.mkdtemp(prefix="taskservice-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder
+        env.update(PROMETHEUS_MULTIPROC_DIR=metrics_folder, TASKSERVICE_METRICS_PORT="0")
     command = tied_to_this_process([sys.executable, "-m", "service", "serve"])
     children = [subprocess.Popen(command, env=env) for _ in range(count - 1)]
     try:
@@ -111,10 +125,13 @@ def _serve_processes(settings: Settings, count: int) -> int:
             child.terminate()
         for child in children:
             child.wait()
+        if metrics_folder:
+            shutil.rmtree(metrics_folder, ignore_errors=True)
 
 
 def _worker(celery_args: Sequence[str]) -> int:
     from celery.bin.celery import celery
+    from celery.signals import setup_logging
 
     from worker.app import AppNotFound, load_app, registry
     from worker.registry import NotTrackable
@@ -127,10 +144,22 @@ def _worker(celery_args: Sequence[str]) -> int:
     except (AppNotFound, NotTrackable) as error:
         logger.error("%s", error)
         return 1
+
+    def take_over_logging(loglevel: int | None = None, **_: object) -> None:
+        # Connected, this replaces Celery's own logging setup (in the main
+        # process; pool processes inherit it): its lines look like ours.
+        logs.configure(settings.log_format, level=loglevel or logging.INFO)
+        if celery_app.conf.worker_redirect_stdouts:  # as Celery would: print() is logged
+            celery_app.log.redirect_stdouts(celery_app.conf.worker_redirect_stdouts_level)
+
+    setup_logging.connect(take_over_logging, weak=False)
+    # Celery prints its banner as text, bypassing logging: not among JSON lines.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
     # Celery's own command line, so that its exit code reaches the caller
     # (`app.worker_main` drops it): a supervisor must see a crash as one.
+    app = settings.celery_app or "worker.app"
     code = celery.main(
-        args=["-A", settings.celery_app or "worker.app", "worker", "--loglevel=INFO", *celery_args],
+        args=["-A", app, *quiet, "worker", "--loglevel=INFO", *celery_args],
         standalone_mode=False,
     )
     return code if isinstance(code, int) else 0
@@ -173,6 +202,7 @@ def _dev(concurrency: int, *, reload: bool = False) -> int:
     logger.info("redis: %s (log %s)", redis_server.url, redis_server.log)
     env = {**os.environ, "TASKSERVICE_REDIS_URL": redis_server.url}
     env.setdefault("TASKSERVICE_TASKS", DEV_TASKS)
+    env.setdefault("TASKSERVICE_LOG_FORMAT", "console")
     env.pop("TASKSERVICE_BROKER_URL", None)
     env.pop("TASKSERVICE_RESULT_BACKEND", None)
     worker = DevWorker(

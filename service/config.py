@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -163,6 +164,24 @@ class Settings(BaseSettings):
 
     shutdown_grace: float = Field(default=5.0, ge=0)
     """Seconds in-flight calls get to finish on shutdown."""
+
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the server's Prometheus endpoint (`/metrics`); 0: none. With
+    `serve --processes N`, the first process serves the sum of all N."""
+
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of each worker's Prometheus endpoint, served by its main process
+    for all its pool processes; 0: none. Workers sharing a host each need
+    their own."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address the Prometheus endpoints (server and workers) listen on. They
+    have no authentication: open them only to your scraper's network."""
+
+    log_format: Literal["json", "console"] = "json"
+    """How `serve`, `worker` and `dev` log: `json`, one JSON object per line
+    (for a log collector), or `console`, readable lines. `taskservice dev`
+    uses console unless this is set."""
 
     @model_validator(mode="after")
     def _tls_files_together(self) -> Settings:

@@ -11,6 +11,10 @@ the drain gate.
   answer UNAVAILABLE/SHUTTING_DOWN at once while those already admitted
   finish.
 - Whatever a handler raises leaves as its gRPC status (errors.to_status).
+- Every answer is counted by method and code, unary ones timed, open
+  streams gauged (service.metrics); the label children are resolved when
+  the method is wrapped, so a call pays a dict lookup and two increments
+  (nothing when the server serves no metrics).
 
 The guard wraps each method's handler once, when the service is added
 (`Guard.add`), rather than as a gRPC interceptor: an interceptor runs per
@@ -21,6 +25,7 @@ call. The health service is added unguarded, so probes always get an answer.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,7 @@ from google.protobuf.message import DecodeError
 
 from service import errors
 from service.auth import Tokens
+from service.metrics import ServerMetrics
 
 if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -99,8 +105,11 @@ class _Capture:
 class Guard:
     """The call policy of one server: tokens, decoding, the drain gate."""
 
-    def __init__(self, tokens: Tokens | None = None) -> None:
+    def __init__(
+        self, tokens: Tokens | None = None, *, metrics: ServerMetrics | None = None
+    ) -> None:
         self._tokens = tokens
+        self._metrics = metrics or ServerMetrics(per_call=False)
         self._draining = False
         self._in_flight = 0
         self._last_call = 0.0
@@ -111,7 +120,7 @@ class Guard:
         capture = _Capture()
         register(capture)
         guarded = {
-            name: self._wrap(f"/{capture.service}/{name}", handler)
+            name: self._wrap(f"/{capture.service}/{name}", name, handler)
             for name, handler in capture.handlers.items()
         }
         server.add_generic_rpc_handlers(
@@ -152,35 +161,55 @@ class Guard:
         self._in_flight += 1
         return None
 
-    def _wrap(self, method: str, handler: Handler) -> Handler:
+    def _wrap(self, method: str, name: str, handler: Handler) -> Handler:
         deserializer = _safe(handler.request_deserializer)
         serializer = _passing_bytes(handler.response_serializer)
+        clock = time.perf_counter
         if handler.unary_unary is not None:
             behaviour: Any = handler.unary_unary  # an async handler; the stubs say sync
+            answered = self._metrics.rpc(name, timed=True)
 
             async def unary(request: Any, context: Context) -> Any:
+                began = clock()
                 refusal = self._refusal(method, request, context)
                 if refusal is not None:
-                    await context.abort_with_status(errors.to_status(refusal))
+                    status = errors.to_status(refusal)
+                    answered(status.code, clock() - began)
+                    await context.abort_with_status(status)
+                code = grpc.StatusCode.OK
                 try:
                     return await behaviour(request, context)
                 except grpc.aio.AbortError:
+                    code = _aborted(context)
+                    raise
+                except asyncio.CancelledError:
+                    code = _gone(context)
                     raise
                 except Exception as error:  # every error leaves through to_status
-                    await context.abort_with_status(errors.to_status(error))
+                    status = errors.to_status(error)
+                    code = status.code
+                    await context.abort_with_status(status)
                 finally:
                     self._in_flight -= 1
+                    answered(code, clock() - began)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=deserializer, response_serializer=serializer
             )
         if handler.unary_stream is not None:
             streaming: Any = handler.unary_stream
+            # A stream's duration is its client's business: counted, not timed.
+            ended = self._metrics.rpc(name, timed=False)
+            open_streams = self._metrics.watch_streams
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 refusal = self._refusal(method, request, context)
                 if refusal is not None:
-                    await context.abort_with_status(errors.to_status(refusal))
+                    status = errors.to_status(refusal)
+                    ended(status.code, 0.0)
+                    await context.abort_with_status(status)
+                code = grpc.StatusCode.OK
+                open_streams.inc()
                 try:
                     outcome = streaming(request, context)
                     if hasattr(outcome, "__aiter__"):  # one generator less per message
@@ -189,11 +218,19 @@ class Guard:
                     else:
                         await outcome  # it writes with context.write
                 except grpc.aio.AbortError:
+                    code = _aborted(context)
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = _gone(context)
                     raise
                 except Exception as error:
-                    await context.abort_with_status(errors.to_status(error))
+                    status = errors.to_status(error)
+                    code = status.code
+                    await context.abort_with_status(status)
                 finally:
                     self._in_flight -= 1
+                    open_streams.dec()
+                    ended(code, 0.0)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=deserializer, response_serializer=serializer
@@ -215,6 +252,21 @@ class Guard:
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _aborted(context: Context) -> grpc.StatusCode:
+    """The code a handler aborted with (UNKNOWN if grpc does not say)."""
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _gone(context: Context) -> grpc.StatusCode:
+    """Why a call was cancelled under its handler: its deadline passed, or
+    its client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 async def _responses(outcome: Any) -> AsyncIterator[Any]:

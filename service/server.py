@@ -23,6 +23,8 @@ from service.backend import Backend
 from service.config import Settings
 from service.guard import Guard
 from service.hub import EventHub
+from service.metrics import Endpoint, ServerMetrics, multiprocess_mode, own_registry
+from service.metrics import serve as serve_metrics
 from service.publisher import Publisher
 from service.redis_link import RedisLink
 from service.reflection import add_reflection
@@ -55,6 +57,7 @@ class Server:
     backend: Backend
     health: health.aio.HealthServicer
     guard: Guard
+    metrics_endpoint: Endpoint | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -74,6 +77,8 @@ class Server:
         await self.guard.drained(max(0.0, until - loop.time()))
         await self.server.stop(max(0.0, until - loop.time()))
         await self.backend.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -117,9 +122,14 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     hub = EventHub(sub_client, record.events_channel(settings.key_prefix))
     await hub.start(wait=settings.redis_timeout)
     publisher = Publisher(create_publisher(settings, celery_app), settings)
-    backend = Backend(settings, registry, publisher, link, hub)
+    # Several processes (serve --processes) write files one of them serves;
+    # a single one keeps its metrics in its own registry.
+    metrics_registry = None if multiprocess_mode() else own_registry()
+    served = bool(settings.metrics_port) or multiprocess_mode()
+    metrics = ServerMetrics(metrics_registry, per_call=served)
+    backend = Backend(settings, registry, publisher, link, hub, metrics=metrics)
 
-    guard = Guard(Tokens(tokens) if tokens else None)
+    guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics)
     server = grpc.aio.server(options=server_options(settings))
     servicer = TaskServiceServicer(
         backend,
@@ -144,9 +154,25 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
             f"cannot listen on {address}: the port is taken (another taskservice?). Pick "
             "another TASKSERVICE_PORT, or set TASKSERVICE_REUSE_PORT=true to share it on purpose"
         ) from None
+    endpoint = None
+    if settings.metrics_port:
+        try:
+            endpoint = serve_metrics(settings.metrics_host, settings.metrics_port, metrics_registry)
+        except OSError as error:
+            await backend.close()
+            raise StartupError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+                f"({error}); pick another TASKSERVICE_METRICS_PORT"
+            ) from None
+        logger.info("metrics on http://%s:%d/metrics", endpoint.host, endpoint.port)
     await server.start()
     running = Server(
-        server=server, port=bound, backend=backend, health=health_servicer, guard=guard
+        server=server,
+        port=bound,
+        backend=backend,
+        health=health_servicer,
+        guard=guard,
+        metrics_endpoint=endpoint,
     )
     await _report_health(backend, health_servicer)
     running._tasks += [
@@ -242,12 +268,11 @@ async def _health_loop(
 
 async def _sweep_loop(backend: Backend, interval: float) -> None:
     """End tasks whose lease lapsed. Every server sweeps; each expiry is one
-    atomic script, so a task is never ended twice."""
+    atomic script, so a task is never ended twice (the backend logs and
+    counts each)."""
     while True:
         try:
-            ended = await backend.sweep()
-            if ended:
-                logger.info("ended %d task(s) whose lease lapsed", ended)
+            await backend.sweep()
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.debug("lease sweep failed (%s); next in %gs", exc, interval)
         except Exception:

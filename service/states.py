@@ -66,3 +66,11 @@ RECORD_STATES: dict[pb.TaskState.ValueType, str] = {
     pb.TASK_STATE_LOST: "LOST",
 }
 """The record state of each TaskState a caller may ask for (ListTasks)."""
+
+
+STATE_LABELS: dict[str, str] = {
+    state: pb.TaskState.Name(value).removeprefix("TASK_STATE_").lower()
+    for state, value in _STATES.items()
+}
+"""Each record state as its TaskState in lower case (SUCCESS: "succeeded"):
+the `state` label of the metrics (service.metrics)."""

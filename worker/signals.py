@@ -17,10 +17,16 @@ holds; whatever cannot be written ends LOST when the lease lapses.
 
 Every write retries with backoff for up to `worker_write_retry` seconds, so a
 Redis restart or failover does not lose it.
+
+Around each task run, the logging context carries task_id and task_name (and
+exclusivity_key once the record says it), so every line logged meanwhile,
+Celery's own included, says which task it is about (service.logs). Each end
+written and each body's run time is counted in worker.metrics.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -36,12 +42,20 @@ from billiard.exceptions import WorkerLostError
 from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.local import maybe_evaluate
-from celery.signals import task_failure, task_internal_error, task_revoked, task_unknown
+from celery.signals import (
+    task_failure,
+    task_internal_error,
+    task_postrun,
+    task_prerun,
+    task_revoked,
+    task_unknown,
+)
 from kombu.utils.json import dumps as json_dumps
 from redis.commands.core import Script
+from structlog.contextvars import bind_contextvars, bound_contextvars, clear_contextvars
 
 from service.config import Settings
-from worker import record
+from worker import metrics, record
 from worker.heartbeat import Heartbeat
 from worker.scripts import Call, Scripts, transient
 
@@ -98,6 +112,10 @@ class Reporter:
         if status == "running":
             logger.warning("task %s is running on %s; not running it twice", task_id, detail)
             return False
+        if status == "started":
+            key = json.loads(detail).get("key")
+            if key:
+                bind_contextvars(exclusivity_key=key)
         # "missing": sent to this app by something other than taskservice.
         return True
 
@@ -112,14 +130,24 @@ class Reporter:
         status, _ = self.run(self.scripts.transition(task_id, allowed, new_state, fields))
         return str(status)
 
-    def finish(self, task_id: str, new_state: str, fields: dict[str, str]) -> None:
+    def finish(self, task_id: str, new_state: str, fields: dict[str, str]) -> str:
+        """End the task in `new_state` (REVOKED if a cancel was asked for);
+        the state it ended in, "" if it had already ended (or is no task of
+        taskservice's)."""
         fields = {"finished": repr(time.time()), **fields}
-        if self.transition(task_id, record.ACTIVE_STATES, new_state, fields) == "rejected":
-            logger.debug("task %s already ended; %s not recorded", task_id, new_state)
+        with bound_contextvars(task_id=task_id):
+            call = self.scripts.transition(task_id, record.ACTIVE_STATES, new_state, fields)
+            status, detail = self.run(call)
+            if status != "ok":
+                logger.debug("task %s already ended; %s not recorded", task_id, new_state)
+                return ""
+        ended = json.loads(detail)
+        metrics.ended(ended.get("name", ""), ended["state"])
+        return str(ended["state"])
 
-    def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> None:
+    def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> str:
         # Bounded, like results: every change is published whole to every server.
-        self.finish(
+        return self.finish(
             task_id,
             record.FAILURE,
             {
@@ -129,33 +157,29 @@ class Reporter:
             },
         )
 
-    def succeed(self, task_id: str, result: Any) -> None:
+    def succeed(self, task_id: str, result: Any) -> str:
         """Record the result, or fail the task if no client could read it:
         whether or not Celery stores results (ignore_result), the record is
-        what every caller reads."""
+        what every caller reads. The state it ended in (see `finish`)."""
         try:
             encoded = json_dumps(result, allow_nan=False)
         except (TypeError, ValueError, kombu.exceptions.EncodeError) as exc:
             if "Out of range float values" in str(exc):
                 why = "it holds NaN or Infinity, which JSON and protobuf's Value cannot carry"
-                self.fail(task_id, "ResultNotRepresentable", why)
-            else:
-                self.fail(task_id, "EncodeError", str(exc), traceback.format_exc())
-            return
+                return self.fail(task_id, "ResultNotRepresentable", why)
+            return self.fail(task_id, "EncodeError", str(exc), traceback.format_exc())
         if len(encoded) > self.max_result_bytes:
-            self.fail(
+            return self.fail(
                 task_id,
                 "ResultTooLarge",
                 f"the result takes {len(encoded)} bytes as JSON; the limit is "
                 f"{self.max_result_bytes} (TASKSERVICE_MAX_RESULT_BYTES): store large "
                 "results elsewhere and return a reference",
             )
-            return
         problem = record.unrepresentable(result)
         if problem:
-            self.fail(task_id, "ResultNotRepresentable", problem)
-            return
-        self.finish(task_id, record.SUCCESS, {"result": encoded})
+            return self.fail(task_id, "ResultNotRepresentable", problem)
+        return self.finish(task_id, record.SUCCESS, {"result": encoded})
 
     def cancel_requested(self, task_id: str) -> bool:
         key = record.task_key(self.scripts.prefix, task_id)
@@ -181,6 +205,7 @@ def track(app: Celery, settings: Settings | None = None) -> None:
         return
     setattr(app, _TRACKED, True)
     app.steps["worker"].add(Heartbeat)
+    app.steps["worker"].add(metrics.MetricsEndpoint)
     _connect_signals()
 
 
@@ -238,17 +263,23 @@ class Tracked(Task):  # type: ignore[type-arg]
             return super().__call__(*args, **kwargs)
         if not reporter.begin(task_id, request.hostname or ""):
             raise Ignore()
+        began = time.perf_counter()
         try:
             result = super().__call__(*args, **kwargs)
         except Retry:
+            metrics.ran(self.name, "retried", time.perf_counter() - began)
             raise  # apply_async already sent it back to the queue
         except (Ignore, Reject) as exc:
-            reporter.fail(
+            took = time.perf_counter() - began
+            state = reporter.fail(
                 task_id, type(exc).__name__, f"the task ended itself with {exc!r}; no outcome"
             )
+            metrics.ran(self.name, state or record.FAILURE, took)
             raise
         except Exception as exc:
-            reporter.fail(task_id, type(exc).__name__, str(exc), traceback.format_exc())
+            took = time.perf_counter() - began
+            state = reporter.fail(task_id, type(exc).__name__, str(exc), traceback.format_exc())
+            metrics.ran(self.name, state or record.FAILURE, took)
             raise
         except SystemExit as exc:
             # The pool process is being stopped (billiard turns SIGTERM into
@@ -256,14 +287,18 @@ class Tracked(Task):  # type: ignore[type-arg]
             # cancel ends here, and only now: see _on_revoked. Any other stop
             # is a lost worker, as the lease will say.
             if reporter.cancel_requested(task_id):
-                reporter.fail(
+                took = time.perf_counter() - began
+                state = reporter.fail(
                     task_id,
                     "Terminated",
                     f"stopped by a TERMINATE cancel ({exc!r})",
                     traceback.format_exc(),
                 )
+                metrics.ran(self.name, state or record.REVOKED, took)
             raise
-        reporter.succeed(task_id, result)
+        took = time.perf_counter() - began
+        state = reporter.succeed(task_id, result)
+        metrics.ran(self.name, state or record.SUCCESS, took)
         return result
 
     def apply_async(
@@ -419,9 +454,26 @@ def _on_unknown(sender: Any, name: str = "", id: str = "", **_: Any) -> None:
         )
 
 
+def _on_prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    # In the process that runs the task, before Celery's tracer logs about it.
+    app = getattr(sender, "app", None)
+    if task_id and app is not None and tracked(app):
+        clear_contextvars()
+        bind_contextvars(task_id=task_id, task_name=getattr(sender, "name", ""))
+
+
+def _on_postrun(sender: Any = None, **_: Any) -> None:
+    # After Celery's own line on the outcome: the next task starts clean.
+    app = getattr(sender, "app", None)
+    if app is not None and tracked(app):
+        clear_contextvars()
+
+
 def _connect_signals() -> None:
     # Celery signals are global (connecting twice is a no-op); the receivers
     # find the app, and whether it is tracked, through `sender`.
+    task_prerun.connect(_on_prerun, weak=False)
+    task_postrun.connect(_on_postrun, weak=False)
     task_failure.connect(_on_failure, weak=False)
     task_revoked.connect(_on_revoked, weak=False)
     task_internal_error.connect(_on_internal_error, weak=False)

@@ -319,12 +319,22 @@ def test_release_drops_only_the_leases_of_unstarted_tasks(store: Store) -> None:
 
 
 def test_sweep_ends_each_lapsed_task_once(store: Store) -> None:
-    lapsed = [store.started(lease_ms=LAPSED) for _ in range(3)]
+    lapsed = [store.started("swept", lease_ms=LAPSED)]
+    lapsed += [store.started(lease_ms=LAPSED) for _ in range(2)]
     alive = store.started()
-    assert store.run(store.scripts.sweep(2)) == [2, 2]  # bounded batch
-    assert store.run(store.scripts.sweep(100)) == [1, 1]
+    first = store.run(store.scripts.sweep(2))
+    assert first[:2] == [2, 2]  # bounded batch
+    second = store.run(store.scripts.sweep(100))
+    assert second[:2] == [1, 1]
     assert store.run(store.scripts.sweep(100)) == [0, 0]  # a second sweeper finds nothing
     assert {store.rec(t).state for t in lapsed} == {record.LOST}
+    # Each end is reported: id, name, key, state, error type.
+    ends = [first[2 + 5 * n : 7 + 5 * n] for n in range(2)] + [second[2:]]
+    assert sorted(end[0] for end in ends) == sorted(lapsed)
+    assert {(end[1], end[3], end[4]) for end in ends} == {
+        ("t", record.LOST, record.WORKER_LOST_ERROR)
+    }
+    assert sorted(end[2] for end in ends) == ["", "", "swept"]
     assert store.rec(alive).state == record.STARTED
 
 
