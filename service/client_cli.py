@@ -339,7 +339,10 @@ class _Output:
         from rich.table import Table
 
         table = Table(box=None, pad_edge=False)
-        for column in ("ID", "TASK", "STATE", "KEY", "CREATED", "WORKER"):
+        # Whole ids, however narrow the terminal: they are what the other
+        # commands take.
+        table.add_column("ID", no_wrap=True, min_width=36)
+        for column in ("TASK", "STATE", "KEY", "CREATED", "WORKER"):
             table.add_column(column)
         for task in tasks:
             created = (
