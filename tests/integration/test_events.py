@@ -17,7 +17,6 @@ from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.server import Server
 from tests.support.client import finished, start
-from worker.app import load_app
 
 PING = "taskservice-test-ping"
 
@@ -65,7 +64,9 @@ class EventLog:
 
 @pytest.fixture
 def event_log(settings: Settings, server: Server) -> Iterator[EventLog]:
-    log = EventLog(load_app(settings))
+    # An app of its own on the session's broker, like Flower's: the
+    # process's taskservice app may point at another module's broker.
+    log = EventLog(Celery("monitor", broker=settings.effective_broker_url, set_as_current=False))
     log.start()
     yield log
     log.stop()
