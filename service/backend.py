@@ -75,8 +75,9 @@ SIGNALS = {"TERMINATE": "SIGTERM", "KILL": "SIGKILL"}
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 LIST_BUDGET = 1000
-"""Index entries one ListTasks page looks at, at most: a page's cost is
-bounded however many tasks exist or how few match its filters."""
+"""Index entries one ListTasks page looks at, at most (at least MAX_PAGE_SIZE,
+so a full page is always possible): a page's cost is bounded however many
+tasks exist or how few match its filters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,7 +535,7 @@ class Backend:
                 index,
                 after=after,
                 size=size,
-                budget=max(LIST_BUDGET, size),
+                budget=LIST_BUDGET,
                 states=wanted.states,
                 name=wanted.task_name,
                 exclusivity_key=wanted.exclusivity_key,
