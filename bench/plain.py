@@ -10,8 +10,8 @@ import os
 
 from celery import Celery
 
-from service.config import Settings
-from worker.app import celery_config
+from taskservice.apps import celery_config
+from taskservice.core.settings import Settings
 
 if "TASKSERVICE_REDIS_URL" not in os.environ:
     # Never fall back to a default Redis that may be someone else's.

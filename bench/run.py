@@ -41,9 +41,9 @@ import grpc  # noqa: E402
 import redis  # noqa: E402
 from grpc_health.v1 import health_pb2  # noqa: E402
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb  # noqa: E402
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.embedded import (  # noqa: E402
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb  # noqa: E402
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
+from taskservice.cli.embedded import (  # noqa: E402
     EmbeddedRedis,
     free_port,
     stop_process_group,
@@ -119,7 +119,7 @@ class Stack:
         log = self.folder / f"server-{port}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", f"--processes={processes}"],
+                [sys.executable, "-m", "taskservice", "serve", f"--processes={processes}"],
                 cwd=ROOT,
                 env={**self.env, "TASKSERVICE_PORT": str(port)},
                 stdout=out,
@@ -133,7 +133,7 @@ class Stack:
     def worker(
         self,
         *,
-        app: str = "worker.app",
+        app: str = "taskservice.worker.app",
         pool: str = "solo",
         concurrency: int = 1,
         queues: str = "celery",
@@ -328,8 +328,9 @@ def unary(stack: Stack, report: Report, calls: int) -> None:
     report.add(Row("gRPC floor", "Health/Check rate", floor.rate, "calls/s"))
     report.add(Row("gRPC floor", "Health/Check p99", floor.p99, "ms"))
 
-    from service.config import Settings
-    from worker.app import app, configure
+    from taskservice.apps import configure
+    from taskservice.core.settings import Settings
+    from taskservice.worker.app import app
 
     configure(app, Settings())
     import bench.tasks as tasks
@@ -585,7 +586,12 @@ def worker_throughput(stack: Stack, report: Report, count: int) -> None:
                 stub.Start(pb.StartRequest(task_name="bench.noop")).task.id for _ in range(count)
             ]
         our_rate = _drain(
-            stack, "worker.app", pool, concurrency, count, partial(_succeeded, stack, ours)
+            stack,
+            "taskservice.worker.app",
+            pool,
+            concurrency,
+            count,
+            partial(_succeeded, stack, ours),
         )
         name = f"worker throughput ({pool}{'' if pool == 'solo' else f', {concurrency} processes'})"
         report.add(Row(name, "plain Celery", plain_rate, "tasks/s"))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker.app import app, expose
-from worker.signals import TrackedTask
+from taskservice.worker.app import app, expose
+from taskservice.worker.signals import TrackedTask
 
 
 @expose()

@@ -1,4 +1,4 @@
-"""Regenerate service/_proto from protos/ (the one way to do it).
+"""Regenerate taskservice/_proto from protos/ (the one way to do it).
 
 Usage: python protos/generate.py [--check]
 
@@ -24,13 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-OUT = ROOT / "service" / "_proto"
+OUT = ROOT / "taskservice" / "_proto"
 # Generated modules import each other as top-level `taskservice.v1`; rewrite
 # that to the package they live in so no sys.path tricks are needed.
 IMPORT_FROM = "from taskservice.v1 import"
-IMPORT_TO = "from service._proto.taskservice.v1 import"
+IMPORT_TO = "from taskservice._proto.taskservice.v1 import"
 DESCRIPTOR_SET = "descriptors.binpb"
-# What writes service/_proto; each is pinned with `==` in the dev extra.
+# What writes taskservice/_proto; each is pinned with `==` in the dev extra.
 GENERATOR = ("grpcio-tools", "mypy-protobuf")
 
 
@@ -63,7 +63,7 @@ def check_generator() -> None:
         install = " ".join(f"{name}=={version}" for name, version in pins.items())
         raise SystemExit(
             "protos/generate.py runs only with the pinned generator (pyproject.toml's dev"
-            " extra), so service/_proto is the same wherever it is made:\n  "
+            " extra), so taskservice/_proto is the same wherever it is made:\n  "
             + "\n  ".join(wrong)
             + f"\ninstall it: pip install -e '.[dev]'  (or: pip install {install})"
         )
@@ -130,7 +130,7 @@ def differences(a: Path, b: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if service/_proto is stale")
+    parser.add_argument("--check", action="store_true", help="fail if taskservice/_proto is stale")
     args = parser.parse_args()
     if not args.check:
         if OUT.exists():
@@ -143,9 +143,9 @@ def main() -> int:
         generate(fresh)
         diff = differences(fresh, OUT)
     if diff:
-        print("service/_proto is stale; run `python protos/generate.py`:", *diff, sep="\n  ")
+        print("taskservice/_proto is stale; run `python protos/generate.py`:", *diff, sep="\n  ")
         return 1
-    print("service/_proto matches protos/")
+    print("taskservice/_proto matches protos/")
     return 0
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service import errors
-from service.errors import PermissionDenied, Unauthenticated
+from taskservice.core import errors
+from taskservice.core.errors import PermissionDenied, Unauthenticated
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """What the servicer calls: exclusive start, status, cancel and watch, over
 taskservice's Redis records and Celery.
 
-Every record change is one Lua script (worker.scripts), so each decision
+Every record change is one Lua script (taskservice.core.scripts), so each decision
 (is the key free? may this task be cancelled? has its lease lapsed?) and its
 write happen in one atomic step. Redis is used through redis.asyncio; Celery's
-blocking calls go through service.publisher.
+blocking calls go through taskservice.server.publisher.
 
 Each operation binds what it knows about its task (task_id, exclusivity_key,
 request_id) to the logging context as soon as it knows it, so every line
-logged on its behalf carries them (service.logs); ends it makes, Starts and
-conflicts are counted in service.metrics.
+logged on its behalf carries them (taskservice.core.logs); ends it makes, Starts and
+conflicts are counted in taskservice.core.metrics.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Any, TypeVar
 import redis.exceptions
 from structlog.contextvars import bind_contextvars, bound_contextvars
 
-from service.config import Settings
-from service.errors import (
+from taskservice.apps import MAX_COUNTDOWN
+from taskservice.core import record
+from taskservice.core.errors import (
     ArgsTooLarge,
     BrokerUnavailable,
     InvalidArgument,
@@ -45,22 +46,21 @@ from service.errors import (
     TaskTypeNotFound,
     cut,
 )
-from service.hub import EventHub, Mailbox, Marker
-from service.metrics import ServerMetrics
-from service.publisher import Delivery, Publisher, Ticket
-from service.redis_link import RedisLink
-from service.states import STATE_LABELS, state_name
-from worker import record
-from worker.app import MAX_COUNTDOWN
-from worker.record import TaskRecord
-from worker.registry import (
+from taskservice.core.metrics import ServerMetrics
+from taskservice.core.record import TaskRecord
+from taskservice.core.registry import (
     EXCLUSIVITY_KEY_PATTERN,
     ArgumentsInvalid,
     TaskRegistry,
     TaskType,
     signature_text,
 )
-from worker.scripts import Call, Request, Scripts, transient
+from taskservice.core.scripts import Call, Request, Scripts, transient
+from taskservice.core.settings import Settings
+from taskservice.core.states import STATE_LABELS, CancelMode, ConflictPolicy, state_name
+from taskservice.server.hub import EventHub, Mailbox, Marker
+from taskservice.server.publisher import Delivery, Publisher, Ticket
+from taskservice.server.redis_link import RedisLink
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class StartCommand:
     kwargs: dict[str, Any]
     args_size: int
     exclusivity_key: str = ""
-    return_existing: bool = False
+    conflict_policy: ConflictPolicy = ConflictPolicy.REJECT
     countdown: float | None = None
     queue: str = ""
     time_limit: float | None = None
@@ -237,7 +237,7 @@ class Backend:
             cmd.args,
             cmd.kwargs,
             cmd.exclusivity_key,
-            cmd.return_existing,
+            cmd.conflict_policy.name,
             cmd.countdown,
             cmd.queue,
             cmd.time_limit,
@@ -329,7 +329,7 @@ class Backend:
             raise _reused(request)
         if status == "held":
             holder = TaskRecord.from_json(detail)
-            if cmd.return_existing:
+            if cmd.conflict_policy is ConflictPolicy.RETURN_EXISTING:
                 self._metrics.conflicts.labels(cmd.task_name, "return_existing").inc()
                 return Started(holder, already_existed=True)
             self._metrics.conflicts.labels(cmd.task_name, "fail").inc()
@@ -557,9 +557,12 @@ class Backend:
 
     # -- Cancel --------------------------------------------------------------
 
-    async def cancel(self, task_id: str, mode: str, *, request_id: str = "") -> TaskRecord:
-        """Cancel; `mode` is GRACEFUL, TERMINATE or KILL. With a request id, a
+    async def cancel(
+        self, task_id: str, cancel_mode: CancelMode, *, request_id: str = ""
+    ) -> TaskRecord:
+        """Cancel with `cancel_mode` (UNSPECIFIED: KILL). With a request id, a
         repeated Cancel answers as the first did."""
+        mode = cancel_mode.recorded
         task_id = parse_task_id(task_id)
         bind_contextvars(task_id=task_id)
         request = self._request(request_id, "Cancel", task_id, mode)

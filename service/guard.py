@@ -1,6 +1,6 @@
 """What every call of a guarded service goes through before its handler.
 
-In order: the token check (when tokens are set, see service.auth), decoding,
+In order: the token check (when tokens are set, see taskservice.server.auth), decoding,
 the drain gate.
 
 - Decoding: a request that fails to decode (bytes that are not protobuf,
@@ -10,9 +10,9 @@ the drain gate.
 - The gate counts the calls in flight; once the server drains, new calls
   answer UNAVAILABLE/SHUTTING_DOWN at once while those already admitted
   finish.
-- Whatever a handler raises leaves as its gRPC status (errors.to_status).
+- Whatever a handler raises leaves as its gRPC status (status.to_status).
 - Every answer is counted by method and code, unary ones timed, open
-  streams gauged (service.metrics); the label children are resolved when
+  streams gauged (taskservice.core.metrics); the label children are resolved when
   the method is wrapped, so a call pays a dict lookup and two increments
   (nothing when the server serves no metrics).
 
@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service import errors
-from service.auth import Tokens
-from service.metrics import ServerMetrics
+from taskservice.core import errors
+from taskservice.core.metrics import ServerMetrics
+from taskservice.server.auth import Tokens
+from taskservice.server.status import to_status
 
 if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -173,7 +174,7 @@ class Guard:
                 began = clock()
                 refusal = self._refusal(method, request, context)
                 if refusal is not None:
-                    status = errors.to_status(refusal)
+                    status = to_status(refusal)
                     answered(status.code, clock() - began)
                     await context.abort_with_status(status)
                 code = grpc.StatusCode.OK
@@ -186,7 +187,7 @@ class Guard:
                     code = _gone(context)
                     raise
                 except Exception as error:  # every error leaves through to_status
-                    status = errors.to_status(error)
+                    status = to_status(error)
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
@@ -205,7 +206,7 @@ class Guard:
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 refusal = self._refusal(method, request, context)
                 if refusal is not None:
-                    status = errors.to_status(refusal)
+                    status = to_status(refusal)
                     ended(status.code, 0.0)
                     await context.abort_with_status(status)
                 code = grpc.StatusCode.OK
@@ -224,7 +225,7 @@ class Guard:
                     code = _gone(context)
                     raise
                 except Exception as error:
-                    status = errors.to_status(error)
+                    status = to_status(error)
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
@@ -242,7 +243,7 @@ class Guard:
                 if self._tokens is not None:
                     refusal = self._tokens.refusal(method, context.invocation_metadata())
                     if refusal is not None:
-                        await context.abort_with_status(errors.to_status(refusal))
+                        await context.abort_with_status(to_status(refusal))
                 async for response in _responses(bidi(requests, context)):
                     yield response
 

@@ -2,7 +2,7 @@
 one mailbox per watching stream.
 
 Every record change is published on one channel as "<task id> <record JSON>"
-(see worker.record). The hub decodes a message once, only if some stream
+(see taskservice.core.record). The hub decodes a message once, only if some stream
 watches that task, and hands the same record to each such stream's mailbox,
 so every stream gets every change in publish order (unlike an
 asyncio.Condition, which may skip). If the subscription drops, the hub
@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from service.errors import RedisUnavailable
-from worker.record import TaskRecord
+from taskservice.core.errors import RedisUnavailable
+from taskservice.core.record import TaskRecord
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Redis transport would), so it costs one Redis round trip and no thread.
 Otherwise Celery publishes: its calls block, so they run in thread pools,
 one for task messages and one for revokes, so that a stalled broker delaying
 publishes never delays a Cancel. Every wait is bounded: the broker's sockets
-have timeouts (see `worker.app`), a Start waits at most `publish_timeout`
+have timeouts (see `taskservice.worker.app`), a Start waits at most `publish_timeout`
 (or its caller's deadline), and at most `max_pending_publishes` Starts of
 this server may be waiting for the broker; more answer PublishBacklog.
 """
@@ -29,8 +29,10 @@ from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import dumps as json_dumps
 
-from service.config import Settings
-from service.errors import BrokerUnavailable, PublishBacklog, broker_error
+from taskservice import apps
+from taskservice.core.errors import BrokerUnavailable, PublishBacklog
+from taskservice.core.settings import Settings
+from taskservice.server.status import broker_error
 
 T = TypeVar("T")
 
@@ -218,3 +220,35 @@ async def _bounded(future: concurrent.futures.Future[T], wait: float, timeout_me
         if error is None:
             raise
         raise error from exc
+
+
+def create_publisher(settings: Settings, source: Celery) -> Celery:
+    """The app the gRPC server sends `source`'s tasks and revokes with: the
+    same broker and routing, bounded waits, JSON messages.
+
+    It has no result backend: with the Redis backend, Celery subscribes the
+    sender to each sent task's result channel, which a long-running server
+    must not accumulate; taskservice's records carry results instead.
+    """
+    publisher = Celery("taskservice-publisher", set_as_current=False)
+    if not settings.celery_app:  # taskservice's own app (taskservice.apps.load_app)
+        config = apps.celery_config(settings)
+    else:
+        # The team's own settings (broker, queues, routes), read unmasked.
+        config = {
+            name: source.conf[name]
+            for name in source.conf.table(with_defaults=False)
+            if name != "deprecated_settings"
+        }
+        ours = apps.celery_config(
+            settings.model_copy(update={"broker_url": source.conf.broker_url})
+        )
+        for name in ("task_serializer", "task_publish_retry_policy", "broker_connection_timeout"):
+            config[name] = ours[name]
+        config["broker_transport_options"] = {
+            **ours["broker_transport_options"],
+            **(config.get("broker_transport_options") or {}),
+        }
+    config.pop("result_backend", None)
+    publisher.config_from_object(config)
+    return publisher

@@ -27,7 +27,7 @@ import hiredis
 import redis.exceptions
 from redis.connection import parse_url
 
-from worker.scripts import Call
+from taskservice.core.scripts import Call
 
 logger = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
-from service.guard import Guard
+from taskservice.server.guard import Guard
 
 
 def _documented_files() -> dict[str, bytes]:
-    raw = (resources.files("service._proto") / "descriptors.binpb").read_bytes()
+    raw = (resources.files("taskservice._proto") / "descriptors.binpb").read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(raw).file
     return {f.name: f.SerializeToString() for f in files}
 

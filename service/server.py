@@ -16,20 +16,22 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.auth import Token, Tokens, load_tokens
-from service.backend import Backend
-from service.config import Settings
-from service.guard import Guard
-from service.hub import EventHub
-from service.metrics import Endpoint, ServerMetrics, multiprocess_mode, own_registry
-from service.metrics import serve as serve_metrics
-from service.publisher import Publisher
-from service.redis_link import RedisLink
-from service.reflection import add_reflection
-from service.servicer import TaskServiceServicer
-from worker import record
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.apps import AppNotFound, load_app, load_exposed
+from taskservice.core import record
+from taskservice.core.metrics import Endpoint, ServerMetrics, multiprocess_mode, own_registry
+from taskservice.core.metrics import serve as serve_metrics
+from taskservice.core.registry import EXPOSED, NotTrackable
+from taskservice.core.settings import Settings
+from taskservice.server.auth import Token, Tokens, load_tokens
+from taskservice.server.backend import Backend
+from taskservice.server.guard import Guard
+from taskservice.server.hub import EventHub
+from taskservice.server.publisher import Publisher, create_publisher
+from taskservice.server.redis_link import RedisLink
+from taskservice.server.reflection import add_reflection
+from taskservice.server.servicer import TaskServiceServicer
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +92,12 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     Imports the task modules in `settings.tasks`; only their exposed tasks
     can be started.
     """
-    from worker.app import AppNotFound, create_publisher, load_app, registry
-    from worker.registry import NotTrackable
-
     tokens, credentials = _security(settings)
     try:
         # Before the task modules: reading task names and signatures
         # configures taskservice's own app, which should see these settings.
         celery_app = load_app(settings)
-        registry.load(settings.task_modules, celery_app)
+        load_exposed(settings, celery_app)
     except (AppNotFound, NotTrackable) as error:
         raise StartupError(str(error)) from None
     if not settings.task_modules:
@@ -127,7 +126,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     metrics_registry = None if multiprocess_mode() else own_registry()
     served = bool(settings.metrics_port) or multiprocess_mode()
     metrics = ServerMetrics(metrics_registry, per_call=served)
-    backend = Backend(settings, registry, publisher, link, hub, metrics=metrics)
+    backend = Backend(settings, EXPOSED, publisher, link, hub, metrics=metrics)
 
     guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics)
     server = grpc.aio.server(options=server_options(settings))

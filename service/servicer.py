@@ -1,11 +1,11 @@
 """TaskService handlers: translate proto <-> domain, nothing more.
 
-Handlers answering with a task return its serialized response (service.guard
+Handlers answering with a task return its serialized response (taskservice.server.guard
 sends bytes as they are), so each change is encoded once however many
 callers receive it.
 
-Errors are raised as they are; service.guard, which every call goes through,
-turns each into its gRPC status (service.errors.to_status)."""
+Errors are raised as they are; taskservice.server.guard, which every call goes through,
+turns each into its gRPC status (taskservice.server.status.to_status)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-from service import errors
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.backend import Backend, StartCommand, TaskFilter
-from service.states import CANCEL_MODES, RECORD_STATES, RECORDED_CANCEL_MODES, task_state
-from worker.record import TaskRecord, unrepresentable
-from worker.registry import TaskType, annotation_text
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.core import errors
+from taskservice.core.record import TaskRecord, unrepresentable
+from taskservice.core.registry import TaskType, annotation_text
+from taskservice.core.states import RECORD_STATES, CancelMode, ConflictPolicy, TaskState, task_state
+from taskservice.server.backend import Backend, StartCommand, TaskFilter
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -62,10 +62,12 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def Start(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        if request.conflict_policy not in pb.ConflictPolicy.values():
+        try:
+            policy = ConflictPolicy(request.conflict_policy)
+        except ValueError:
             raise errors.InvalidArgument.of(
                 "conflict_policy", f"unknown conflict_policy {request.conflict_policy}"
-            )
+            ) from None
         options = request.options
         started = await self._backend.start(
             StartCommand(
@@ -77,7 +79,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
                 },
                 args_size=request.args.ByteSize() + request.kwargs.ByteSize(),
                 exclusivity_key=request.exclusivity_key,
-                return_existing=request.conflict_policy == pb.CONFLICT_POLICY_RETURN_EXISTING,
+                conflict_policy=policy,
                 countdown=_seconds(options, "countdown"),
                 queue=options.queue,
                 time_limit=_seconds(options, "time_limit"),
@@ -99,9 +101,10 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def Cancel(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        mode = CANCEL_MODES.get(request.mode)
-        if mode is None:
-            raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}")
+        try:
+            mode = CancelMode(request.mode)
+        except ValueError:
+            raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}") from None
         return self._answer(
             await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
         )
@@ -125,12 +128,13 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     ) -> pb.ListTasksResponse:
         states = set()
         for state in request.states:
-            if state not in RECORD_STATES:
+            record_state = RECORD_STATES.get(_TASK_STATES_IN.get(state, TaskState.UNSPECIFIED))
+            if record_state is None:
                 raise errors.InvalidArgument(
                     f"states: {state} is not a state a task can be in",
                     violations=[("states", f"unknown or unspecified state {state}")],
                 )
-            states.add(RECORD_STATES[state])
+            states.add(record_state)
         wanted = TaskFilter(frozenset(states), request.task_name, request.exclusivity_key)
         # A listing leaves tracebacks out (GetStatus has them): a page is
         # for finding tasks, and stays small.
@@ -173,17 +177,24 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         raise errors.InvalidArgument.of("selector", "give task_id or exclusivity_key")
 
 
+# The proto enums by the domain's (same names, same numbers): resolved by name
+# here, so a proto enum and its Python twin that drift apart fail at import.
+_TASK_STATES = {s: pb.TaskState.Value(f"TASK_STATE_{s.name}") for s in TaskState}
+_TASK_STATES_IN = {number: state for state, number in _TASK_STATES.items()}
+_CANCEL_MODES = {m: pb.CancelMode.Value(f"CANCEL_MODE_{m.name}") for m in CancelMode}
+
+
 def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
     """The proto Task for a record (without the error's traceback if not
     `traceback`)."""
     task = pb.Task(
         id=rec.id,
         task_name=rec.name,
-        state=task_state(rec),
+        state=_TASK_STATES[task_state(rec)],
         worker=rec.worker,
         exclusivity_key=rec.exclusivity_key,
         sequence=rec.sequence,
-        cancel_mode=RECORDED_CANCEL_MODES.get(rec.cancel, pb.CANCEL_MODE_UNSPECIFIED),
+        cancel_mode=_CANCEL_MODES[CancelMode[rec.cancel] if rec.cancel else CancelMode.UNSPECIFIED],
         queue=rec.queue,
     )
     for field, when in (

@@ -1,6 +1,13 @@
-"""What task authors import, from one place.
+"""taskservice: a gRPC front door for Celery.
 
-On taskservice's own Celery app::
+What users import, from one place. Calling taskservice::
+
+    from taskservice import Client
+
+    with Client("127.0.0.1:50051") as client:
+        task = client.start("reports.build", kwargs={"month": "2026-11"})
+
+Writing tasks on taskservice's own Celery app::
 
     from taskservice import TrackedTask, app, expose
 
@@ -17,9 +24,42 @@ app and base class and only add `expose`; `self.report_progress(...)` and
     @expose()
     @proj_app.task(bind=True, name="reports.build")
     def build(self, month: str) -> dict[str, int]: ...
+
+Each name is imported when first used, so a client does not load Celery and a
+worker does not load gRPC. The installed package adds this one top-level name:
+the server is `taskservice.server`, the Celery side `taskservice.worker`.
 """
 
-from worker.app import app, expose
-from worker.signals import Tracked, TrackedTask
+from __future__ import annotations
 
-__all__ = ["Tracked", "TrackedTask", "app", "expose"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from taskservice.client import AsyncClient, Client
+    from taskservice.worker.app import app, expose
+    from taskservice.worker.signals import Tracked, TrackedTask
+
+_HOMES = {
+    "Client": "taskservice.client",
+    "AsyncClient": "taskservice.client",
+    "app": "taskservice.worker.app",
+    "expose": "taskservice.worker.app",
+    "Tracked": "taskservice.worker.signals",
+    "TrackedTask": "taskservice.worker.signals",
+}
+
+__all__ = ["AsyncClient", "Client", "Tracked", "TrackedTask", "app", "expose"]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'taskservice' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,7 +1,7 @@
 """Fixtures: a Redis of the test session's own, a real prefork Celery worker,
 and a real grpc.aio server on a free port with real channels.
 
-TASKSERVICE_* variables are set before anything imports worker.app, so the
+TASKSERVICE_* variables are set before anything imports taskservice.worker.app, so the
 worker subprocess and this process agree on Redis, key prefix and tasks.
 """
 
@@ -20,14 +20,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.embedded import EmbeddedRedis, free_port, stop_process_group
+from taskservice.cli.embedded import EmbeddedRedis, free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_PORT = free_port()
 os.environ.update(
     TASKSERVICE_REDIS_URL=f"redis://127.0.0.1:{REDIS_PORT}/0",
     TASKSERVICE_KEY_PREFIX=f"ts-test-{uuid.uuid4().hex[:8]}",
-    TASKSERVICE_TASKS="worker.tasks,tests.support.tasks",
+    TASKSERVICE_TASKS="taskservice.worker.tasks,tests.support.tasks",
     TASKSERVICE_CANCEL_WAIT="5",
     # The queues tests send tasks to, besides the default one.
     TASKSERVICE_QUEUES="nobody-listens,parked-*,doomed-*,again-*,q-*",
@@ -39,10 +39,10 @@ os.environ.update(
 for name in ("TASKSERVICE_BROKER_URL", "TASKSERVICE_RESULT_BACKEND", "TASKSERVICE_PORT"):
     os.environ.pop(name, None)
 
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
-from service.cli import worker_command  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.server import Server, create_server  # noqa: E402
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc  # noqa: E402
+from taskservice.cli import worker_command  # noqa: E402
+from taskservice.core.settings import Settings  # noqa: E402
+from taskservice.server.server import Server, create_server  # noqa: E402
 
 
 def wait_for_log(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -126,11 +126,11 @@ def start_worker(
 def start_server_process(
     log: Path, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """`python -m service serve` in its own process group, on a free port."""
+    """`python -m taskservice serve` in its own process group, on a free port."""
     port = free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"],
+            [sys.executable, "-m", "taskservice", "serve"],
             cwd=ROOT,
             env={
                 **os.environ,

@@ -32,6 +32,8 @@ from celery import bootsteps
 from celery.signals import task_received, worker_shutting_down
 from celery.worker import state
 
+from taskservice.worker.reporter import reporter_of
+
 logger = logging.getLogger(__name__)
 
 RECEIVE_DELAY = 0.25
@@ -76,8 +78,6 @@ class Heartbeat(bootsteps.StartStopStep):
         self._pid = 0
 
     def start(self, parent: Any) -> None:
-        from worker.signals import reporter_of
-
         self._reporter = reporter_of(parent.app)
         self._hostname = parent.hostname
         self._pid = os.getpid()

@@ -1,5 +1,5 @@
 """A worker's Prometheus endpoint (`worker_metrics_port`), and the metrics its
-processes record (service.metrics.WorkerMetrics).
+processes record (taskservice.core.metrics.WorkerMetrics).
 
 The prefork pool runs tasks in child processes, each with memory of its own:
 so every process of the worker writes its metrics to files in one folder
@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
-from service.states import STATE_LABELS
+from taskservice import apps
+from taskservice.core.settings import Settings
+from taskservice.core.states import STATE_LABELS
 
 if TYPE_CHECKING:
-    from service.metrics import Endpoint, WorkerMetrics
+    from taskservice.core.metrics import Endpoint, WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +60,7 @@ class MetricsEndpoint(bootsteps.StartStopStep):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        from service.config import Settings
-        from worker.signals import settings_of
-
-        settings = settings_of(parent.app) or Settings()
+        settings = apps.settings_of(parent.app) or Settings()
         self.host, self.port = settings.metrics_host, settings.worker_metrics_port
         self.enabled = bool(self.port)
         self._endpoint: Endpoint | None = None
@@ -75,7 +74,7 @@ class MetricsEndpoint(bootsteps.StartStopStep):
             atexit.register(_remove, self._folder, os.getpid())
 
     def start(self, parent: Any) -> None:
-        from service.metrics import serve
+        from taskservice.core.metrics import serve
 
         try:
             self._endpoint = serve(self.host, self.port)
@@ -102,7 +101,7 @@ def _record_in(folder: str) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
     from prometheus_client import values
 
-    from service.metrics import WorkerMetrics
+    from taskservice.core.metrics import WorkerMetrics
 
     if not getattr(values.ValueClass, "_multiprocess", False):
         # Something (the app's own code, say) imported prometheus_client

@@ -11,7 +11,7 @@ again, which now tries to put its unacknowledged messages back through a
 new connection pool, built from `transport.client.hostname`: the
 AttributeError escapes Celery's reconnect handler and stops the worker.
 
-This transport (selected by `broker_transport` in `worker.app`) fixes both
+This transport (selected by `broker_transport` in `taskservice.worker.app`) fixes both
 halves:
 - a channel remembers its kombu Connection and uses it when the transport
   was detached, so the late restore fails like any restore while Redis is

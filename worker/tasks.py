@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
-from worker.app import app, expose
-from worker.signals import TrackedTask
+from taskservice.worker.app import app, expose
+from taskservice.worker.signals import TrackedTask
 
 
 @expose(exclusivity_key="demo")

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.embedded import stop_process_group
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import stop_process_group
 from tests.conftest import start_worker
 from tests.support.client import (
     error_info,

@@ -17,11 +17,11 @@ import grpc
 import pytest
 from celery import Celery
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import stop_process_group, tied_to_this_process
-from service.publisher import Publisher
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import stop_process_group, tied_to_this_process
+from taskservice.core.settings import Settings
+from taskservice.server.publisher import Publisher
 from tests.conftest import REDIS_PORT, ROOT, start_server_process, wait_for_log
 from tests.support.client import error_info, finished, start, wait_until
 
@@ -132,7 +132,7 @@ def test_a_task_of_another_app_is_refused_at_startup(
     redis_server: object, tmp_path: Path, command: str
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", command],
+        [sys.executable, "-m", "taskservice", command],
         cwd=ROOT,
         env={
             **os.environ,
@@ -156,7 +156,7 @@ def test_a_task_of_another_app_is_refused_at_startup(
 
 def test_a_celery_app_that_cannot_be_found_is_refused(redis_server: object) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
+        [sys.executable, "-m", "taskservice", "serve"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TASKSERVICE_CELERY_APP": "nope.missing:app"},
         capture_output=True,

@@ -18,11 +18,11 @@ import pytest
 import redis
 import trustme
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import EmbeddedRedis, free_port
-from service.server import Server, create_server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import EmbeddedRedis, free_port
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server, create_server
 from tests.conftest import ROOT
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
@@ -111,7 +111,7 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
     log = tmp_path / "dev.log"
     with open(log, "wb") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "service", "dev"],
+            [sys.executable, "-m", "taskservice", "dev"],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -156,8 +156,8 @@ def test_dev_runs_everything_and_leaves_no_process_when_stopped(
 
 
 RELOADED_MODULE = """
-from worker.app import app, expose
-from worker.signals import TrackedTask
+from taskservice.worker.app import app, expose
+from taskservice.worker.signals import TrackedTask
 
 
 @expose()
@@ -203,7 +203,7 @@ def test_dev_reload_restarts_the_worker_when_task_code_changes(tmp_path: Path) -
     log = tmp_path / "dev.log"
     with open(log, "wb") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "service", "dev", "--reload", "--concurrency=1"],
+            [sys.executable, "-m", "taskservice", "dev", "--reload", "--concurrency=1"],
             cwd=project,
             env=env,
             stdout=out,
@@ -243,10 +243,10 @@ def test_worker_exits_non_zero_when_celery_stops_on_an_error(
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "TASKSERVICE_REDIS_URL": redis_server.url,
-        "TASKSERVICE_TASKS": "worker.tasks,tests.support.crashing_worker",
+        "TASKSERVICE_TASKS": "taskservice.worker.tasks,tests.support.crashing_worker",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "service", "worker", "--pool=solo", "-Q", f"q-{tmp_path.name}"],
+        [sys.executable, "-m", "taskservice", "worker", "--pool=solo", "-Q", f"q-{tmp_path.name}"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -262,7 +262,7 @@ async def health(port: int, *args: str, **env: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service",
+        "taskservice",
         "health",
         *args,
         cwd=ROOT,

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from service.client import AlreadyRunning, AsyncClient
-from service.server import Server
+from taskservice.client import AlreadyRunning, AsyncClient
+from taskservice.server.server import Server
 from tests.conftest import ROOT
 
 
@@ -21,7 +21,7 @@ async def cli(server: Server, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "service",
+        "taskservice",
         *args,
         "--address",
         f"127.0.0.1:{server.port}",

@@ -13,8 +13,8 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from tests.support.client import error_info, finished, start_request, value
 
 UNKNOWN_ID = "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c"
@@ -57,7 +57,8 @@ async def test_malformed_ids_are_invalid(stub: pb_grpc.TaskServiceStub, task_id:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "nope", "celery.backend_cleanup", "celery.chord_unlock", "worker.tasks.dummy"]
+    "name",
+    ["", "nope", "celery.backend_cleanup", "celery.chord_unlock", "taskservice.worker.tasks.dummy"],
 )
 async def test_only_exposed_tasks_can_start(stub: pb_grpc.TaskServiceStub, name: str) -> None:
     error = await expect(

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.server import Server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server
 from tests.support.client import finished, start
 
 PING = "taskservice-test-ping"

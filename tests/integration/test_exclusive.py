@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.embedded import stop_process_group
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import stop_process_group
 from tests.conftest import start_server_process
 from tests.support.client import TERMINAL, error_info, finished, start_request
 
@@ -24,7 +24,7 @@ from tests.support.client import TERMINAL, error_info, finished, start_request
 async def second_server(
     worker_process: subprocess.Popen[bytes], tmp_path: Path
 ) -> AsyncIterator[pb_grpc.TaskServiceStub]:
-    """Another server *process* on the same Redis (`python -m service serve`)."""
+    """Another server *process* on the same Redis (`python -m taskservice serve`)."""
     process, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import EmbeddedRedis, free_port, stop_process_group
-from service.server import Server, create_server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import EmbeddedRedis, free_port, stop_process_group
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server, create_server
 from tests.conftest import serving, start_worker
 from tests.support.client import TERMINAL, error_info, finished, start_request, watch_all
 from tests.support.proxies import SlowProxy

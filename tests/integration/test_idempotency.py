@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import free_port
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import free_port
+from taskservice.core.settings import Settings
 from tests.conftest import serving
 from tests.support.client import error_info, finished, running, start_request
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import EmbeddedRedis, stop_process_group
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import EmbeddedRedis, stop_process_group
+from taskservice.core.settings import Settings
 from tests.conftest import log_shows, serving, start_server_process, start_worker
 from tests.support.client import (
     error_info,
@@ -122,7 +122,8 @@ async def test_a_long_task_on_a_live_worker_is_never_declared_lost(
 async def test_a_message_delivered_again_never_runs_the_body_twice(
     stub: pb_grpc.TaskServiceStub, settings: Settings, tmp_path: Path
 ) -> None:
-    from worker.app import app, create_publisher
+    from taskservice.server.publisher import create_publisher
+    from taskservice.worker.app import app
 
     queue = f"again-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"

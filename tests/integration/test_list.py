@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from tests.support.client import finished, start, wait_until
 
 

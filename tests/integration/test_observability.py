@@ -26,13 +26,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import EmbeddedRedis, free_port, stop_process_group
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import EmbeddedRedis, free_port, stop_process_group
+from taskservice.core.scripts import Scripts
+from taskservice.core.settings import Settings
 from tests.conftest import ROOT, start_server_process, start_worker
 from tests.support.client import TERMINAL, start_request, watch_all
-from worker.scripts import Scripts
 
 PREFIX = f"ts-obs-{uuid.uuid4().hex[:8]}"
 QUEUE = f"q-obs-{uuid.uuid4().hex[:8]}"  # only this module's worker consumes it
@@ -304,7 +304,7 @@ async def test_a_lapsed_lease_is_counted_and_logged_with_its_task(
     lapsed = [line for line in lines if "lease lapsed" in line["event"]]
     assert len(lapsed) == 1, lines
     assert lapsed[0]["exclusivity_key"] == key
-    assert lapsed[0]["level"] == "info" and lapsed[0]["logger"] == "service.backend"
+    assert lapsed[0]["level"] == "info" and lapsed[0]["logger"] == "taskservice.server.backend"
     assert "timestamp" in lapsed[0]
 
 
@@ -346,7 +346,7 @@ def test_serve_with_several_processes_serves_the_sum_of_their_metrics(
     }
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--processes=2"],
+            [sys.executable, "-m", "taskservice", "serve", "--processes=2"],
             cwd=ROOT,
             env=env,
             stdout=out,

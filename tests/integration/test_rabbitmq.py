@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import EmbeddedRedis, free_port, stop_process_group
-from service.server import Server, create_server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import EmbeddedRedis, free_port, stop_process_group
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server, create_server
 from tests.conftest import log_shows, serving, start_worker
 from tests.integration import test_cancel, test_start, test_watch
 from tests.integration.test_faults import records_under

@@ -12,10 +12,10 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.embedded import EmbeddedRedis, free_port
-from service.server import Server, create_server
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import EmbeddedRedis, free_port
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server, create_server
 from tests.support.client import error_info, start_request
 
 Serve = Callable[..., Awaitable[tuple[pb_grpc.TaskServiceStub, EmbeddedRedis]]]

@@ -14,10 +14,10 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.server import Server, create_server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server, create_server
 from tests.conftest import ROOT
 from tests.support.client import error_info, finished, start_request
 
@@ -196,7 +196,7 @@ async def test_mutual_tls_needs_a_client_certificate_the_ca_signed(
 def test_serve_refuses_an_open_network_address_unless_told(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TASKSERVICE_HOST": "0.0.0.0"}
     done = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
+        [sys.executable, "-m", "taskservice", "serve"],
         cwd=ROOT,
         env=env,
         capture_output=True,

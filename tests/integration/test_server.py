@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.embedded import stop_process_group
-from service.server import Server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import stop_process_group
+from taskservice.server.server import Server
 from tests.conftest import ROOT, start_server_process
 from tests.support.client import error_info, finished, start, start_request
 
@@ -68,7 +68,7 @@ def test_serve_on_a_taken_port_exits_at_once_with_a_clear_message(tmp_path: Path
         port = taken.getsockname()[1]
         for command in ("serve", "dev"):
             done = subprocess.run(
-                [sys.executable, "-m", "service", command],
+                [sys.executable, "-m", "taskservice", command],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT), "TASKSERVICE_PORT": str(port)},
                 capture_output=True,

@@ -11,14 +11,14 @@ import pytest
 import redis.asyncio
 from google.protobuf import duration_pb2
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.publisher import Delivery
-from service.server import Server
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.core import record
+from taskservice.core.scripts import Scripts
+from taskservice.core.settings import Settings
+from taskservice.server.publisher import Delivery
+from taskservice.server.server import Server
 from tests.support.client import error_info, finished, start, start_request, value, watch_all
-from worker import record
-from worker.scripts import Scripts
 
 
 async def test_start_runs_the_task_and_returns_its_result(
@@ -257,7 +257,8 @@ async def test_a_stored_result_no_client_could_read_is_reported_not_internal(
 async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
     settings: Settings, server: Server
 ) -> None:
-    from worker.app import app, create_publisher
+    from taskservice.server.publisher import create_publisher
+    from taskservice.worker.app import app
 
     publisher = server.backend.publisher
     assert publisher.direct  # the tests' broker is the records' Redis

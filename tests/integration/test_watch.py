@@ -9,12 +9,12 @@ import grpc
 import pytest
 import redis.asyncio
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from service.config import Settings
-from service.server import Server, events_client_name
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.core.scripts import Scripts
+from taskservice.core.settings import Settings
+from taskservice.server.server import Server, events_client_name
 from tests.support.client import TERMINAL, error_info, finished, start, watch_all
-from worker.scripts import Scripts
 
 
 async def test_watch_delivers_every_change_in_order_and_ends(stub: pb_grpc.TaskServiceStub) -> None:

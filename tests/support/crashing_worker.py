@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import bootsteps
 
-from worker.app import app
+from taskservice.worker.app import app
 
 
 class Crash(bootsteps.StartStopStep):

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.app import app, expose
-from worker.signals import TrackedTask
+from taskservice.worker.app import app, expose
+from taskservice.worker.signals import TrackedTask
 
 
 @expose()

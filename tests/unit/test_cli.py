@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service import cli
+from taskservice import cli
 
 
 def test_worker_options_go_to_celery(monkeypatch: pytest.MonkeyPatch) -> None:

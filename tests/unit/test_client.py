@@ -12,8 +12,8 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service.client import AlreadyRunning, Client, InvalidArgument, NotFound, Task, to_value
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice.client import AlreadyRunning, Client, InvalidArgument, NotFound, Task, to_value
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TaskService"]
 TASK_ID = "2b1f4bf4-0c39-4e8c-9d59-7d4d4e0c7d11"

@@ -7,22 +7,22 @@ import json
 import subprocess
 import sys
 
-from service.cli import log_format
-from service.config import Settings
+from taskservice.cli import log_format
+from taskservice.core.settings import Settings
 from tests.conftest import ROOT
 
 SNIPPET = """
 import logging, sys
 from structlog.contextvars import bound_contextvars
-from service import logs
+from taskservice.core import logs
 logs.configure(sys.argv[1])
 with bound_contextvars(task_id="t-1", exclusivity_key="k-1", request_id="r-1"):
     logging.getLogger("celery.app.trace").info("Task %s succeeded", "demo")
-logging.getLogger("service.server").warning("outside any call")
+logging.getLogger("taskservice.server.server").warning("outside any call")
 try:
     1 / 0
 except ZeroDivisionError:
-    logging.getLogger("service.errors").exception("internal error")
+    logging.getLogger("taskservice.core.errors").exception("internal error")
 """
 
 

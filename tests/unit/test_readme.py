@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from service.config import ENV_PREFIX, Settings
+from taskservice.core.settings import ENV_PREFIX, Settings
 from tests.conftest import ROOT
 
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import redis
 
-from service.embedded import EmbeddedRedis
-from worker import record
-from worker.record import TaskRecord
-from worker.scripts import Call, Scripts
+from taskservice.cli.embedded import EmbeddedRedis
+from taskservice.core import record
+from taskservice.core.record import TaskRecord
+from taskservice.core.scripts import Call, Scripts
 
 LONG = 60_000  # a lease (ms) that does not lapse during a test
 LAPSED = 0  # a lease that has lapsed by the time anything reads it

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import inspect
 import typing
+from typing import Any
 
 import amqp.exceptions
 import grpc
@@ -13,11 +15,13 @@ import redis.exceptions
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service import errors
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service.servicer import _from_value, task_message
-from worker.record import TaskRecord
-from worker.registry import annotation_text, signature_text
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice.core import errors
+from taskservice.core.record import TaskRecord
+from taskservice.core.registry import annotation_text, signature_text
+from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
+from taskservice.server import status as status_map
+from taskservice.server.servicer import _from_value, task_message
 
 
 def fields(**extra: str) -> dict[str, str]:
@@ -109,7 +113,7 @@ def test_an_empty_value_is_invalid_and_named() -> None:
     ],
 )
 def test_errors_map_to_codes_with_error_info(error: Exception, code: grpc.StatusCode) -> None:
-    status = errors.to_status(error)
+    status = status_map.to_status(error)
     assert status.code == code
     detail = dict(status.trailing_metadata)["grpc-status-details-bin"]
     rich = status_pb2.Status.FromString(detail)
@@ -155,7 +159,7 @@ def test_errors_map_to_codes_with_error_info(error: Exception, code: grpc.Status
     ],
 )
 def test_redis_errors_map_by_kind(error: Exception, code: str, reason: str) -> None:
-    status = errors.to_status(error)
+    status = status_map.to_status(error)
     assert status.code.name == code
     info = error_details_pb2.ErrorInfo()
     status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"]).details[
@@ -183,9 +187,9 @@ def test_redis_errors_map_by_kind(error: Exception, code: str, reason: str) -> N
     ],
 )
 def test_broker_errors_map_to_broker_reasons(error: Exception, reason: str) -> None:
-    mapped = errors.broker_error(error)
+    mapped = status_map.broker_error(error)
     assert mapped is not None and mapped.reason == reason
-    assert errors.broker_error(KeyError("bug")) is None
+    assert status_map.broker_error(KeyError("bug")) is None
 
 
 def _under_future_annotations(
@@ -227,3 +231,17 @@ def test_annotations_print_as_written_without_quotes() -> None:
         signature_text(evaluated)
         == "(a: str, /, b: dict[str, int], *, c: Optional[int], d) -> None"
     )
+
+
+@pytest.mark.parametrize(
+    ("domain", "proto", "prefix"),
+    [
+        (TaskState, pb.TaskState, "TASK_STATE_"),
+        (ConflictPolicy, pb.ConflictPolicy, "CONFLICT_POLICY_"),
+        (CancelMode, pb.CancelMode, "CANCEL_MODE_"),
+    ],
+)
+def test_domain_enums_have_the_proto_enums_names_and_numbers(
+    domain: type[enum.IntEnum], proto: Any, prefix: str
+) -> None:
+    assert {prefix + member.name: member.value for member in domain} == dict(proto.items())

@@ -1,5 +1,5 @@
 """`taskservice` command line: serve, worker, dev, health; and the client commands
-(start, status, cancel, watch, ls, tasks: see service.client_cli)."""
+(start, status, cancel, watch, ls, tasks: see taskservice.client.commands)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from service import client_cli, logs
-from service.config import Settings, unknown_variables
+from taskservice.client import commands as client_commands
+from taskservice.core import logs
+from taskservice.core.settings import Settings, unknown_variables
 
 logger = logging.getLogger("taskservice")
 
-DEV_TASKS = "worker.tasks"
+DEV_TASKS = "taskservice.worker.tasks"
 """What `taskservice dev` exposes unless TASKSERVICE_TASKS says otherwise: the demos."""
 
 
@@ -58,13 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.add_argument("--service", default="", help='service name (default "": the server)')
     health.add_argument("--cert-file", default="", help="PEM client certificate (mutual TLS)")
     health.add_argument("--key-file", default="", help="PEM key of --cert-file")
-    client_cli.add_commands(commands)
+    client_commands.add_commands(commands)
     # Unknown options belong to `celery worker` (e.g. --concurrency=8 -Q a,b).
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command in client_cli.COMMANDS:
-        return client_cli.run(args)
+    if args.command in client_commands.COMMANDS:
+        return client_commands.run(args)
     if args.command == "health":  # one line of its own, no logging
         return _health(args.timeout, args.service, args.cert_file, args.key_file)
 
@@ -87,7 +88,7 @@ def log_format(command: str, settings: Settings) -> str:
 
 
 def _serve(settings: Settings) -> int:
-    from service.server import StartupError, serve
+    from taskservice.server.server import StartupError, serve
 
     try:
         asyncio.run(serve(settings))
@@ -105,18 +106,18 @@ def _serve_processes(settings: Settings, count: int) -> int:
     if settings.port == 0:
         logger.error("--processes needs a fixed TASKSERVICE_PORT, not 0")
         return 2
-    from service.embedded import tied_to_this_process
+    from taskservice.cli.embedded import tied_to_this_process
 
     env = {**os.environ, "TASKSERVICE_REUSE_PORT": "true"}
     metrics_folder = ""
     if settings.metrics_port:
         # Every process writes its metrics to files in one folder; this one
         # serves their sum. prometheus_client reads the variable when first
-        # imported, which in this process is still to come (service.server).
+        # imported, which in this process is still to come (taskservice.server.server).
         metrics_folder = tempfile.mkdtemp(prefix="taskservice-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder
         env.update(PROMETHEUS_MULTIPROC_DIR=metrics_folder, TASKSERVICE_METRICS_PORT="0")
-    command = tied_to_this_process([sys.executable, "-m", "service", "serve"])
+    command = tied_to_this_process([sys.executable, "-m", "taskservice", "serve"])
     children = [subprocess.Popen(command, env=env) for _ in range(count - 1)]
     try:
         return _serve(settings.model_copy(update={"reuse_port": True}))
@@ -133,14 +134,14 @@ def _worker(celery_args: Sequence[str]) -> int:
     from celery.bin.celery import celery
     from celery.signals import setup_logging
 
-    from worker.app import AppNotFound, load_app, registry
-    from worker.registry import NotTrackable
+    from taskservice.apps import OWN_APP, AppNotFound, load_app, load_exposed
+    from taskservice.core.registry import NotTrackable
 
     settings = Settings()
     try:
         # What the server refuses to start, the worker refuses to run.
         celery_app = load_app(settings)
-        registry.load(settings.task_modules, celery_app)
+        load_exposed(settings, celery_app)
     except (AppNotFound, NotTrackable) as error:
         logger.error("%s", error)
         return 1
@@ -157,7 +158,7 @@ def _worker(celery_args: Sequence[str]) -> int:
     quiet = ["--quiet"] if settings.log_format == "json" else []
     # Celery's own command line, so that its exit code reaches the caller
     # (`app.worker_main` drops it): a supervisor must see a crash as one.
-    app = settings.celery_app or "worker.app"
+    app = settings.celery_app or OWN_APP
     code = celery.main(
         args=["-A", app, *quiet, "worker", "--loglevel=INFO", *celery_args],
         standalone_mode=False,
@@ -168,14 +169,14 @@ def _worker(celery_args: Sequence[str]) -> int:
 def worker_command(*celery_args: str) -> list[str]:
     """The command that runs `taskservice worker` as a child that ends if
     this process dies."""
-    from service.embedded import tied_to_this_process
+    from taskservice.cli.embedded import tied_to_this_process
 
-    return tied_to_this_process([sys.executable, "-m", "service", "worker", *celery_args])
+    return tied_to_this_process([sys.executable, "-m", "taskservice", "worker", *celery_args])
 
 
 def _dev(concurrency: int, *, reload: bool = False) -> int:
-    from service.dev import DevWorker, Reloader, watched_paths
-    from service.embedded import EmbeddedRedis, NoRedisServer, redis_server_binary
+    from taskservice.cli.dev import DevWorker, Reloader, watched_paths
+    from taskservice.cli.embedded import EmbeddedRedis, NoRedisServer, redis_server_binary
 
     try:
         redis_server_binary()  # before anything starts: say what to install

@@ -58,7 +58,7 @@ def tied_to_this_process(command: Sequence[str]) -> list[str]:
     The signal is armed in a fresh single-threaded interpreter that then
     execs `command` (a fork hook in a process already running threads, such
     as gRPC's, is unsafe)."""
-    return [sys.executable, "-m", "service.embedded", *command]
+    return [sys.executable, "-m", "taskservice.cli.embedded", *command]
 
 
 def _exec_tied(command: Sequence[str]) -> None:
@@ -174,7 +174,7 @@ class EmbeddedRedis:
 
 
 if __name__ == "__main__":
-    # python -m service.embedded CMD [ARGS...]: see tied_to_this_process.
+    # python -m taskservice.cli.embedded CMD [ARGS...]: see tied_to_this_process.
     if len(sys.argv) < 2:
-        sys.exit("usage: python -m service.embedded COMMAND [ARGS...]")
+        sys.exit("usage: python -m taskservice.cli.embedded COMMAND [ARGS...]")
     _exec_tied(sys.argv[1:])

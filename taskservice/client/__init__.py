@@ -1,6 +1,6 @@
 """A typed Python client of taskservice.v1.TaskService, sync and asyncio.
 
-    from service.client import Client
+    from taskservice.client import Client
 
     with Client("127.0.0.1:50051") as client:
         task = client.start("demo.dummy", kwargs={"seconds": 1})
@@ -26,8 +26,8 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service._proto.taskservice.v1 import task_service_pb2 as pb
-from service._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "LOST"})
 CANCEL_MODES = ("GRACEFUL", "TERMINATE", "KILL")

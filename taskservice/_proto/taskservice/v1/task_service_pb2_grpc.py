@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service._proto.taskservice.v1 import task_service_pb2 as taskservice_dot_v1_dot_task__service__pb2
+from taskservice._proto.taskservice.v1 import task_service_pb2 as taskservice_dot_v1_dot_task__service__pb2
 
 GRPC_GENERATED_VERSION = '1.72.1'
 GRPC_VERSION = grpc.__version__

@@ -5,7 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from service._proto.taskservice.v1 import task_service_pb2 as _task_service_pb2
+from taskservice._proto.taskservice.v1 import task_service_pb2 as _task_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

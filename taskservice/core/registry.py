@@ -1,7 +1,9 @@
 """The registry of task types that may be started over gRPC.
 
 Celery registers every task it knows (its own `celery.*` tasks included);
-taskservice starts only the tasks a module marked with `expose`.
+taskservice starts only the tasks a module marked with `expose`
+(taskservice.worker.app), which adds them to `EXPOSED`. Celery-free: a task is
+read through what every Celery task has (`name`, `run`, `app`).
 """
 
 from __future__ import annotations
@@ -12,16 +14,11 @@ import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from celery import Celery, Task
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
-from worker.signals import track_task
-
 EXCLUSIVITY_KEY_PATTERN = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
-
-T = TypeVar("T", bound=Task)  # type: ignore[type-arg]
 
 
 class NotTrackable(Exception):
@@ -44,7 +41,8 @@ class TaskType:
 
     name: str
     module: str
-    task: Task  # type: ignore[type-arg]
+    task: Any
+    """The Celery task."""
     signature: inspect.Signature
     description: str
     default_exclusivity_key: str
@@ -176,36 +174,25 @@ class TaskRegistry:
         self._types: dict[str, TaskType] = {}
         self._modules: frozenset[str] | None = None
 
-    def expose(self, *, exclusivity_key: str = "") -> Callable[[T], T]:
-        """Mark a Celery task as startable over gRPC.
-
-        `exclusivity_key` is the key a Start uses when the caller gives none:
-        tasks sharing it run one at a time. Empty means no exclusivity unless
-        the caller asks for it.
-        """
-        if exclusivity_key and not EXCLUSIVITY_KEY_PATTERN.fullmatch(exclusivity_key):
-            raise ValueError(f"invalid exclusivity key {exclusivity_key!r}")
-
-        def register(task: T) -> T:
-            name = task.name
-            if name is None or name.startswith("celery."):
-                raise ValueError(f"cannot expose task {name!r}")
-            track_task(task)
-            # For bind=True tasks `run` is already bound, so `self` is not
-            # among the parameters callers must pass.
-            signature = inspect.signature(task.run)
-            self._types[name] = TaskType(
-                name=name,
-                module=task.run.__module__,
-                task=task,
-                signature=signature,
-                description=inspect.cleandoc(task.run.__doc__ or ""),
-                default_exclusivity_key=exclusivity_key,
-                validators=_validators(task.run, signature),
-            )
-            return task
-
-        return register
+    def add(self, task: Any, *, exclusivity_key: str = "") -> None:
+        """Make Celery task `task` startable; `exclusivity_key` is the key a
+        Start uses when the caller gives none (empty: none)."""
+        check_default_key(exclusivity_key)
+        name = task.name
+        if name is None or name.startswith("celery."):
+            raise ValueError(f"cannot expose task {name!r}")
+        # For bind=True tasks `run` is already bound, so `self` is not
+        # among the parameters callers must pass.
+        signature = inspect.signature(task.run)
+        self._types[name] = TaskType(
+            name=name,
+            module=task.run.__module__,
+            task=task,
+            signature=signature,
+            description=inspect.cleandoc(task.run.__doc__ or ""),
+            default_exclusivity_key=exclusivity_key,
+            validators=_validators(task.run, signature),
+        )
 
     def get(self, name: str) -> TaskType | None:
         task_type = self._types.get(name)
@@ -216,30 +203,23 @@ class TaskRegistry:
     def types(self) -> list[TaskType]:
         return [t for name, t in sorted(self._types.items()) if self._allowed(t)]
 
-    def load(self, modules: Iterable[str], app: Celery) -> None:
+    def load(self, modules: Iterable[str]) -> None:
         """Import the modules that expose tasks, and from then on offer only
-        their tasks (a module imported for another reason exposes nothing).
-        NotTrackable if one of them is not a task of `app`, the app whose
-        broker Starts go to and whose workers report back."""
+        their tasks (a module imported for another reason exposes nothing)."""
         modules = tuple(modules)
         for module in modules:
             importlib.import_module(module)
         self._modules = frozenset(modules)
-        accepted = app.conf.accept_content or ()
-        for task_type in self.types():
-            if task_type.task.app is not app:
-                raise NotTrackable(
-                    f"task {task_type.name!r} (module {task_type.module}) belongs to Celery app "
-                    f"{task_type.task.app.main!r}, but taskservice sends to app {app.main!r}: "
-                    "its Starts would never be followed. Set TASKSERVICE_CELERY_APP to your "
-                    "app (module:attribute), or define the task on that app"
-                )
-            if "json" not in accepted and "application/json" not in accepted:
-                raise NotTrackable(
-                    f"Celery app {app.main!r} does not accept JSON messages (accept_content="
-                    f"{list(accepted)}), which taskservice sends: task {task_type.name!r} "
-                    "could never run. Add 'json' to its accept_content"
-                )
 
     def _allowed(self, task_type: TaskType) -> bool:
         return self._modules is None or task_type.module in self._modules
+
+
+def check_default_key(exclusivity_key: str) -> None:
+    """ValueError unless `exclusivity_key` is empty or a valid key."""
+    if exclusivity_key and not EXCLUSIVITY_KEY_PATTERN.fullmatch(exclusivity_key):
+        raise ValueError(f"invalid exclusivity key {exclusivity_key!r}")
+
+
+EXPOSED = TaskRegistry()
+"""The task types `expose` marked in this process."""

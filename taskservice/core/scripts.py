@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
-from worker import record
+from taskservice.core import record
 
 _PRELUDE = (
     """

@@ -38,13 +38,13 @@ in that folder and the serving process sums every process's.
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -125,16 +125,18 @@ class ServerMetrics:
             registry=registry,
         )
 
-    def rpc(self, method: str, *, timed: bool) -> Callable[[grpc.StatusCode, float], None]:
-        """What a guarded method calls once per call with its status code and
-        seconds taken; the label children are resolved once, here, not per call."""
+    def rpc(self, method: str, *, timed: bool) -> Callable[[enum.Enum, float], None]:
+        """What a guarded method calls once per call with its status code (a
+        grpc.StatusCode: labelled by its name) and seconds taken; the label
+        children are resolved once per code, not per call."""
         if not self.per_call:
             return _ignore
         requests = self.rpc_requests
-        counts = {grpc.StatusCode.OK: requests.labels(method, "OK")}  # shown from the start
+        requests.labels(method, "OK")  # shown from the start
+        counts: dict[enum.Enum, Any] = {}
         duration = self.rpc_duration.labels(method) if timed else None
 
-        def answered(code: grpc.StatusCode, seconds: float) -> None:
+        def answered(code: enum.Enum, seconds: float) -> None:
             count = counts.get(code)
             if count is None:
                 count = counts[code] = requests.labels(method, code.name)
@@ -145,12 +147,12 @@ class ServerMetrics:
         return answered
 
 
-def _ignore(code: grpc.StatusCode, seconds: float) -> None:
+def _ignore(code: enum.Enum, seconds: float) -> None:
     pass
 
 
 class WorkerMetrics:
-    """The metrics of a worker's processes (see `worker.metrics`)."""
+    """The metrics of a worker's processes (see `taskservice.worker.metrics`)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.tasks_ended = Counter(

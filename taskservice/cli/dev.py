@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from service.embedded import stop_process_group
+from taskservice.cli.embedded import stop_process_group
 
 logger = logging.getLogger("taskservice")
 

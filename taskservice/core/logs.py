@@ -7,14 +7,14 @@ library; `configure` gives the root logger one handler whose formatter
 (structlog's ProcessorFormatter) renders each record with the same fields:
 
     {"event": "task cancelled (KILL) while queued: it will not run",
-     "level": "info", "logger": "service.backend",
+     "level": "info", "logger": "taskservice.server.backend",
      "timestamp": "2025-01-01T12:00:00.000000Z",
      "task_id": "0b5c...", "exclusivity_key": "report-42", "request_id": "r-1"}
 
 The per-call fields come from structlog's context variables: the server
 binds task_id, exclusivity_key and request_id where it learns them
-(service.backend); a worker binds task_id and task_name around each task
-it runs, and exclusivity_key once its record says it (worker.signals). Each
+(taskservice.server.backend); a worker binds task_id and task_name around each task
+it runs, and exclusivity_key once its record says it (taskservice.worker.signals). Each
 gRPC call and each task run has its own context, so fields never leak from
 one to another.
 """

@@ -3,12 +3,12 @@
 The server creates a record when it accepts a Start; the worker moves it
 along (started, progress, finished); Cancel marks it; the lease sweeper ends
 it LOST when nobody renews its lease. Every change is a *transition*: one of
-the Lua scripts in `worker.scripts`, which bumps the record's sequence number
+the Lua scripts in `taskservice.core.scripts`, which bumps the record's sequence number
 and publishes the whole record on one channel, so watchers see every change,
 in order, from a single subscription per server process.
 
 Record states use Celery's vocabulary (PENDING, STARTED, SUCCESS, FAILURE,
-REVOKED) plus LOST: `service.states` maps them to `taskservice.v1.TaskState`.
+REVOKED) plus LOST: `taskservice.core.states` maps them to `taskservice.v1.TaskState`.
 
 Keys:
     <prefix>:task:{<task id>}        HASH   the record
@@ -56,9 +56,6 @@ REVOKED = "REVOKED"
 LOST = "LOST"
 ACTIVE_STATES = frozenset({PENDING, STARTED})
 TERMINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED, LOST})
-
-CANCEL_MODES = ("GRACEFUL", "TERMINATE", "KILL")
-"""Cancel modes, weakest first: a later Cancel may escalate, never soften."""
 
 MAX_JSON_DEPTH = 30
 """Deepest nesting of a result's JSON: deeper, protobuf clients (recursion

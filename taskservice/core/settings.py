@@ -37,12 +37,12 @@ class Settings(BaseSettings):
     """Your own Celery app, as `module:attribute` (e.g. `proj.celery:app`):
     Starts go to its broker, routed by its configuration, and its workers
     report back through the hooks `expose` installs. Empty: taskservice's own
-    app (`worker.app`), configured from these settings."""
+    app (`taskservice.worker.app`), configured from these settings."""
 
     tasks: str = ""
     """Comma-separated modules whose `expose`d tasks may be started. Only
     these tasks are reachable over gRPC. `taskservice dev` defaults to the
-    demo tasks (`worker.tasks`); `serve` and `worker` expose nothing unless
+    demo tasks (`taskservice.worker.tasks`); `serve` and `worker` expose nothing unless
     told."""
 
     queues: str = ""
@@ -234,7 +234,7 @@ class Settings(BaseSettings):
 
 ENV_PREFIX = "TASKSERVICE_"
 CLIENT_VARIABLES = frozenset({"TASKSERVICE_ADDRESS", "TASKSERVICE_TOKEN"})
-"""Read by the client commands (service.client_cli), not settings."""
+"""Read by the client commands (taskservice.client.commands), not settings."""
 
 
 def unknown_variables(environ: Mapping[str, str] = os.environ) -> list[str]:

@@ -1,7 +1,7 @@
 """The client commands of `taskservice`: start, status, cancel, watch, ls, tasks.
 
 They talk to a running server (TASKSERVICE_ADDRESS, else 127.0.0.1 and
-TASKSERVICE_PORT) through service.client. Exit codes: 0 done (a watched task
+TASKSERVICE_PORT) through taskservice.client. Exit codes: 0 done (a watched task
 SUCCEEDED), 1 the call failed, 2 bad usage, 3 the task FAILED, 4 it was
 CANCELLED, 5 it was LOST.
 """
@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf import json_format
 
-from service.client import (
+from taskservice.client import (
     CANCEL_MODES,
     Client,
     Task,

@@ -1,0 +1,108 @@
+"""The one map: Celery state (as kept in a task's record) -> TaskState, and the
+enums of the API (TaskState, ConflictPolicy, CancelMode) as Python enums.
+
+| Celery state           | TaskState   | note                                        |
+|------------------------|-------------|---------------------------------------------|
+| PENDING (and RECEIVED) | QUEUED      | our record: Celery says PENDING for any id  |
+| STARTED (and PROGRESS) | RUNNING     | progress is a field, not a state            |
+| SUCCESS                | SUCCEEDED   |                                             |
+| FAILURE                | FAILED      | LOST if the error is WorkerLostError        |
+| REVOKED                | CANCELLED   |                                             |
+| LOST (ours, not Celery)| LOST        | its worker died or stopped heartbeating     |
+
+Each enum here has the names and numbers of the proto enum it stands for
+(`TASK_STATE_QUEUED = 1` is `TaskState.QUEUED`, value 1), so the server and
+the client convert by value and the rest of the code never sees a proto
+enum; tests/unit/test_translation.py checks that the two stay the same.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from taskservice.core.record import WORKER_LOST_ERROR, TaskRecord
+
+
+class TaskState(enum.IntEnum):
+    """The state of a task as callers see it (taskservice.v1.TaskState)."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+    LOST = 6
+
+    @property
+    def terminal(self) -> bool:
+        """True once the task has ended (it will not change again)."""
+        return self >= TaskState.SUCCEEDED
+
+
+class ConflictPolicy(enum.IntEnum):
+    """What a Start does when its exclusivity key is held
+    (taskservice.v1.ConflictPolicy); UNSPECIFIED means REJECT."""
+
+    UNSPECIFIED = 0
+    REJECT = 1
+    RETURN_EXISTING = 2
+
+
+class CancelMode(enum.IntEnum):
+    """How Cancel stops a running task (taskservice.v1.CancelMode);
+    UNSPECIFIED means KILL (the behaviour taskservice replaced)."""
+
+    UNSPECIFIED = 0
+    GRACEFUL = 1
+    TERMINATE = 2
+    KILL = 3
+
+    @property
+    def recorded(self) -> str:
+        """The mode as a task's record keeps it ("GRACEFUL", "TERMINATE", "KILL")."""
+        return "KILL" if self is CancelMode.UNSPECIFIED else self.name
+
+
+_STATES: dict[str, TaskState] = {
+    "PENDING": TaskState.QUEUED,
+    "RECEIVED": TaskState.QUEUED,
+    "RETRY": TaskState.QUEUED,
+    "STARTED": TaskState.RUNNING,
+    "PROGRESS": TaskState.RUNNING,
+    "SUCCESS": TaskState.SUCCEEDED,
+    "FAILURE": TaskState.FAILED,
+    "REVOKED": TaskState.CANCELLED,
+    "LOST": TaskState.LOST,
+}
+
+
+def task_state(rec: TaskRecord) -> TaskState:
+    """The TaskState callers see for a record."""
+    # Records written before LOST was a state of its own say it this way.
+    if rec.state == "FAILURE" and rec.error is not None and rec.error.type == WORKER_LOST_ERROR:
+        return TaskState.LOST
+    return _STATES.get(rec.state, TaskState.UNSPECIFIED)
+
+
+def state_name(rec: TaskRecord) -> str:
+    """The TaskState callers see for a record, by its proto name (e.g.
+    "TASK_STATE_SUCCEEDED"), for messages: a caller never sees Celery's
+    state names."""
+    return f"TASK_STATE_{task_state(rec).name}"
+
+
+RECORD_STATES: dict[TaskState, str] = {
+    TaskState.QUEUED: "PENDING",
+    TaskState.RUNNING: "STARTED",
+    TaskState.SUCCEEDED: "SUCCESS",
+    TaskState.FAILED: "FAILURE",
+    TaskState.CANCELLED: "REVOKED",
+    TaskState.LOST: "LOST",
+}
+"""The record state of each TaskState a caller may ask for (ListTasks)."""
+
+
+STATE_LABELS: dict[str, str] = {state: value.name.lower() for state, value in _STATES.items()}
+"""Each record state as its TaskState in lower case (SUCCESS: "succeeded"):
+the `state` label of the metrics (taskservice.core.metrics)."""

@@ -1,0 +1,178 @@
+"""What writes a worker's record transitions: one `Reporter` per tracked app,
+shared by the task hooks (taskservice.worker.signals) and the heartbeat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import kombu.exceptions
+import redis
+import redis.exceptions
+from celery import Celery
+from kombu.utils.json import dumps as json_dumps
+from redis.commands.core import Script
+from structlog.contextvars import bind_contextvars, bound_contextvars
+
+from taskservice import apps
+from taskservice.core import record
+from taskservice.core.scripts import Call, Scripts, transient
+from taskservice.core.settings import Settings
+from taskservice.worker import metrics
+
+logger = logging.getLogger(__name__)
+
+TRACKED = "taskservice_tracked"
+"""The attribute a tracked app carries; the name cannot clash with a team's own."""
+_REPORTER = "taskservice_reporter"
+
+
+class Reporter:
+    """Writes record transitions for one worker (its main process and pool
+    children alike: redis-py reconnects after a fork)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
+        self.lease_ms = int(settings.lease * 1000)
+        self.heartbeat_interval = settings.heartbeat_interval
+        self.max_result_bytes = settings.max_result_bytes
+        self._retry_for = settings.worker_write_retry
+        self._client = redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+        )
+        self._loaded: dict[str, Script] = {}
+
+    def run(self, call: Call, *, retry_for: float | None = None) -> Any:
+        """Run a script, retrying while Redis is unreachable (for at most
+        `retry_for` seconds, by default `worker_write_retry`)."""
+        deadline = time.monotonic() + (self._retry_for if retry_for is None else retry_for)
+        delay = 0.05
+        while True:
+            try:
+                script = self._loaded.get(call.script)
+                if script is None:
+                    script = self._loaded[call.script] = self._client.register_script(call.script)
+                return script(keys=call.keys, args=call.args)
+            except redis.exceptions.RedisError as exc:
+                if not transient(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("record write failed (%s); retrying in %.2fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def begin(self, task_id: str, worker: str) -> bool:
+        """Mark the task STARTED by this execution; False if it must not run."""
+        run = f"{worker}/{uuid.uuid4().hex}"
+        status, detail = self.run(
+            self.scripts.start(
+                task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
+            )
+        )
+        if status == "ended":
+            logger.info("task %s already ended (%s); not running it", task_id, detail)
+            return False
+        if status == "running":
+            logger.warning("task %s is running on %s; not running it twice", task_id, detail)
+            return False
+        if status == "started":
+            key = json.loads(detail).get("key")
+            if key:
+                bind_contextvars(exclusivity_key=key)
+        # "missing": sent to this app by something other than taskservice.
+        return True
+
+    def transition(
+        self,
+        task_id: str,
+        allowed: Iterable[str],
+        new_state: str = "",
+        fields: dict[str, str] | None = None,
+    ) -> str:
+        """Apply a change; "ok", "rejected" (not in an allowed state) or "missing"."""
+        status, _ = self.run(self.scripts.transition(task_id, allowed, new_state, fields))
+        return str(status)
+
+    def finish(self, task_id: str, new_state: str, fields: dict[str, str]) -> str:
+        """End the task in `new_state` (REVOKED if a cancel was asked for);
+        the state it ended in, "" if it had already ended (or is no task of
+        taskservice's)."""
+        fields = {"finished": repr(time.time()), **fields}
+        with bound_contextvars(task_id=task_id):
+            call = self.scripts.transition(task_id, record.ACTIVE_STATES, new_state, fields)
+            status, detail = self.run(call)
+            if status != "ok":
+                logger.debug("task %s already ended; %s not recorded", task_id, new_state)
+                return ""
+        ended = json.loads(detail)
+        metrics.ended(ended.get("name", ""), ended["state"])
+        return str(ended["state"])
+
+    def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> str:
+        # Bounded, like results: every change is published whole to every server.
+        return self.finish(
+            task_id,
+            record.FAILURE,
+            {
+                "error_type": record.clip(error_type, 200),
+                "error_message": record.clip(message, record.MAX_MESSAGE_CHARS),
+                "traceback": record.clip_end(trace, record.MAX_TRACEBACK_CHARS),
+            },
+        )
+
+    def succeed(self, task_id: str, result: Any) -> str:
+        """Record the result, or fail the task if no client could read it:
+        whether or not Celery stores results (ignore_result), the record is
+        what every caller reads. The state it ended in (see `finish`)."""
+        try:
+            encoded = json_dumps(result, allow_nan=False)
+        except (TypeError, ValueError, kombu.exceptions.EncodeError) as exc:
+            if "Out of range float values" in str(exc):
+                why = "it holds NaN or Infinity, which JSON and protobuf's Value cannot carry"
+                return self.fail(task_id, "ResultNotRepresentable", why)
+            return self.fail(task_id, "EncodeError", str(exc), traceback.format_exc())
+        if len(encoded) > self.max_result_bytes:
+            return self.fail(
+                task_id,
+                "ResultTooLarge",
+                f"the result takes {len(encoded)} bytes as JSON; the limit is "
+                f"{self.max_result_bytes} (TASKSERVICE_MAX_RESULT_BYTES): store large "
+                "results elsewhere and return a reference",
+            )
+        problem = record.unrepresentable(result)
+        if problem:
+            return self.fail(task_id, "ResultNotRepresentable", problem)
+        return self.finish(task_id, record.SUCCESS, {"result": encoded})
+
+    def cancel_requested(self, task_id: str) -> bool:
+        key = record.task_key(self.scripts.prefix, task_id)
+        return bool(self._client.hexists(key, "cancel"))
+
+
+def tracked(app: Celery) -> bool:
+    return bool(getattr(app, TRACKED, False))
+
+
+def reporter_of(app: Celery) -> Reporter | None:
+    """The reporter of a tracked app (made on first use, and anew when the
+    app is given other settings); None for any other app: signals fire for
+    every app in the process."""
+    if not tracked(app):
+        return None
+    settings = apps.settings_of(app)
+    if settings is None:
+        settings = Settings()
+        apps.attach(app, settings)
+    reporter: Reporter | None = getattr(app, _REPORTER, None)
+    if reporter is None or reporter.settings is not settings:
+        reporter = Reporter(settings)
+        setattr(app, _REPORTER, reporter)
+    return reporter
