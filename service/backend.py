@@ -25,7 +25,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.exceptions
@@ -103,23 +103,52 @@ class Page:
     next_token: str
 
 
+NOT_PART_OF_THE_REQUEST = {"request": False}
+"""Field metadata of a StartCommand field that a request's fingerprint leaves
+out: how the call was made, not what it asks."""
+
+
 @dataclass(frozen=True, slots=True)
 class StartCommand:
-    """A validated-shape Start; `Backend.start` checks the values."""
+    """A validated-shape Start; `Backend.start` checks the values. Every field
+    is part of what the request asks (its fingerprint, see `fingerprint`)
+    unless its metadata says NOT_PART_OF_THE_REQUEST."""
 
     task_name: str
     args: list[Any]
     kwargs: dict[str, Any]
-    args_size: int
+    args_size: int = field(metadata=NOT_PART_OF_THE_REQUEST)
+    """The size of args and kwargs as received (derived from them)."""
     exclusivity_key: str = ""
     conflict_policy: ConflictPolicy = ConflictPolicy.REJECT
     countdown: float | None = None
     queue: str = ""
     time_limit: float | None = None
     soft_time_limit: float | None = None
-    time_remaining: float | None = None
+    time_remaining: float | None = field(default=None, metadata=NOT_PART_OF_THE_REQUEST)
     """Seconds until the caller's deadline, if it has one."""
-    request_id: str = ""
+    request_id: str = field(default="", metadata=NOT_PART_OF_THE_REQUEST)
+
+    def __post_init__(self) -> None:
+        if self.conflict_policy is ConflictPolicy.UNSPECIFIED:
+            # The proto's default means REJECT: the same request either way.
+            object.__setattr__(self, "conflict_policy", ConflictPolicy.REJECT)
+
+    def fingerprint(self) -> str:
+        """A digest of what this Start asks: a repeat with the same request_id
+        must ask exactly this, or it is refused."""
+        asked = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("request", True)
+        }
+        return fingerprint("Start", asked)
+
+
+def fingerprint(*call: Any) -> str:
+    """A digest of a call's name and arguments (JSON-like values)."""
+    canonical = json.dumps(call, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,19 +259,7 @@ class Backend:
     # -- Start ---------------------------------------------------------------
 
     async def start(self, cmd: StartCommand) -> Started:
-        request = self._request(
-            cmd.request_id,
-            "Start",
-            cmd.task_name,
-            cmd.args,
-            cmd.kwargs,
-            cmd.exclusivity_key,
-            cmd.conflict_policy.name,
-            cmd.countdown,
-            cmd.queue,
-            cmd.time_limit,
-            cmd.soft_time_limit,
-        )
+        request = self._request(cmd.request_id, cmd.fingerprint)
         if request is not None:  # a valid one: no caller's junk in the logs
             bind_contextvars(request_id=request.id)
         task_type, cmd = self._check_start(cmd)
@@ -258,8 +275,8 @@ class Backend:
         # abandoned (the key goes back), never left to its provisional lease.
         return await _shielded(self._start(cmd, task_type, answer_by, request))
 
-    def _request(self, request_id: str, *call: Any) -> Request | None:
-        """The request id of a call, with a fingerprint of what it asks."""
+    def _request(self, request_id: str, fingerprint_of: Callable[[], str]) -> Request | None:
+        """The request id of a call, with the fingerprint of what it asks."""
         if not request_id:
             return None
         if not REQUEST_ID_PATTERN.fullmatch(request_id):
@@ -268,9 +285,7 @@ class Backend:
                 "[A-Za-z0-9._:-] (a UUID, say)",
                 violations=[("request_id", "not 1-128 characters of [A-Za-z0-9._:-]")],
             )
-        canonical = json.dumps(call, sort_keys=True, separators=(",", ":"), default=repr)
-        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
-        return Request(request_id, fingerprint, self._settings.request_id_ttl)
+        return Request(request_id, fingerprint_of(), self._settings.request_id_ttl)
 
     async def _start(
         self,
@@ -565,7 +580,7 @@ class Backend:
         mode = cancel_mode.recorded
         task_id = parse_task_id(task_id)
         bind_contextvars(task_id=task_id)
-        request = self._request(request_id, "Cancel", task_id, mode)
+        request = self._request(request_id, lambda: fingerprint("Cancel", task_id, mode))
         if request is not None:
             bind_contextvars(request_id=request.id)
             key = record.request_key(self._prefix, request.id)

@@ -62,12 +62,11 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def Start(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        try:
-            policy = ConflictPolicy(request.conflict_policy)
-        except ValueError:
+        policy = _CONFLICT_POLICIES_IN.get(request.conflict_policy)
+        if policy is None:
             raise errors.InvalidArgument.of(
                 "conflict_policy", f"unknown conflict_policy {request.conflict_policy}"
-            ) from None
+            )
         options = request.options
         started = await self._backend.start(
             StartCommand(
@@ -101,10 +100,9 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def Cancel(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        try:
-            mode = CancelMode(request.mode)
-        except ValueError:
-            raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}") from None
+        mode = _CANCEL_MODES_IN.get(request.mode)
+        if mode is None:
+            raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}")
         return self._answer(
             await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
         )
@@ -179,9 +177,11 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
 
 # The proto enums by the domain's (same names, same numbers): resolved by name
 # here, so a proto enum and its Python twin that drift apart fail at import.
-_TASK_STATES = {s: pb.TaskState.Value(f"TASK_STATE_{s.name}") for s in TaskState}
+_TASK_STATES = {s: pb.TaskState.Value(f"TASK_STATE_{s}") for s in TaskState}
 _TASK_STATES_IN = {number: state for state, number in _TASK_STATES.items()}
-_CANCEL_MODES = {m: pb.CancelMode.Value(f"CANCEL_MODE_{m.name}") for m in CancelMode}
+_CANCEL_MODES = {m: pb.CancelMode.Value(f"CANCEL_MODE_{m}") for m in CancelMode}
+_CANCEL_MODES_IN = {number: mode for mode, number in _CANCEL_MODES.items()}
+_CONFLICT_POLICIES_IN = {pb.ConflictPolicy.Value(f"CONFLICT_POLICY_{p}"): p for p in ConflictPolicy}
 
 
 def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:

@@ -25,9 +25,10 @@ app and base class and only add `expose`; `self.report_progress(...)` and
     @proj_app.task(bind=True, name="reports.build")
     def build(self, month: str) -> dict[str, int]: ...
 
-Each name is imported when first used, so a client does not load Celery and a
-worker does not load gRPC. The installed package adds this one top-level name:
-the server is `taskservice.server`, the Celery side `taskservice.worker`.
+The errors and enums are plain Python; the rest is imported when first used,
+so a client does not load Celery and a worker does not load gRPC. The installed
+package adds this one top-level name: the server is `taskservice.server`, the
+Celery side `taskservice.worker`.
 """
 
 from __future__ import annotations
@@ -35,21 +36,99 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from taskservice.core.errors import (
+    AlreadyExists,
+    ArgsTooLarge,
+    BrokerMisconfigured,
+    BrokerUnavailable,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    KeyNotFound,
+    Misconfigured,
+    NotFound,
+    PermissionDenied,
+    PublishBacklog,
+    RedisBusy,
+    RedisMisconfigured,
+    RedisOutOfMemory,
+    RedisPoolExhausted,
+    RedisReadOnly,
+    RedisUnavailable,
+    ResourceExhausted,
+    ShuttingDown,
+    TaskAlreadyRunning,
+    TaskFinished,
+    TaskNotFound,
+    TaskServiceError,
+    TaskTypeNotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
+
 if TYPE_CHECKING:
-    from taskservice.client import AsyncClient, Client
+    from taskservice.client import AsyncClient, Client, Task, TaskType
     from taskservice.worker.app import app, expose
     from taskservice.worker.signals import Tracked, TrackedTask
 
 _HOMES = {
     "Client": "taskservice.client",
     "AsyncClient": "taskservice.client",
+    "Task": "taskservice.client",
+    "TaskType": "taskservice.client",
     "app": "taskservice.worker.app",
     "expose": "taskservice.worker.app",
     "Tracked": "taskservice.worker.signals",
     "TrackedTask": "taskservice.worker.signals",
 }
 
-__all__ = ["AsyncClient", "Client", "Tracked", "TrackedTask", "app", "expose"]
+__all__ = [  # noqa: RUF022 (grouped for readers, not sorted)
+    # Calling taskservice
+    "AsyncClient",
+    "CancelMode",
+    "Client",
+    "ConflictPolicy",
+    "Task",
+    "TaskState",
+    "TaskType",
+    # Writing tasks
+    "Tracked",
+    "TrackedTask",
+    "app",
+    "expose",
+    # Errors: what the server raises and the client raises again
+    # (taskservice.core.errors documents the hierarchy)
+    "AlreadyExists",
+    "ArgsTooLarge",
+    "BrokerMisconfigured",
+    "BrokerUnavailable",
+    "Cancelled",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "KeyNotFound",
+    "Misconfigured",
+    "NotFound",
+    "PermissionDenied",
+    "PublishBacklog",
+    "RedisBusy",
+    "RedisMisconfigured",
+    "RedisOutOfMemory",
+    "RedisPoolExhausted",
+    "RedisReadOnly",
+    "RedisUnavailable",
+    "ResourceExhausted",
+    "ShuttingDown",
+    "TaskAlreadyRunning",
+    "TaskFinished",
+    "TaskNotFound",
+    "TaskServiceError",
+    "TaskTypeNotFound",
+    "Unauthenticated",
+    "Unavailable",
+]
 
 
 def __getattr__(name: str) -> Any:

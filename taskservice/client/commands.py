@@ -12,22 +12,21 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
-import grpc
 from google.protobuf import json_format
 
 from taskservice.client import (
-    CANCEL_MODES,
+    CancelMode,
     Client,
+    ConflictPolicy,
     Task,
-    TaskServiceError,
     TaskType,
-    Unavailable,
     channel_credentials,
     default_target,
 )
+from taskservice.core.errors import TaskServiceError, Unavailable
 
 EXIT_OK = 0
 EXIT_CALL_FAILED = 1
@@ -89,9 +88,10 @@ def add_commands(commands: Any) -> None:
     )
     start.add_argument("--key", default="", help="exclusivity key (default: the task type's)")
     start.add_argument(
-        "--return-existing",
-        action="store_true",
-        help="if a task holds the key, return it instead of failing",
+        "--policy",
+        default="reject",
+        choices=_choices(ConflictPolicy),
+        help="if a task holds the key: reject (fail, the default) or return-existing (return it)",
     )
     start.add_argument("--countdown", type=float, help="seconds before a worker may run it")
     start.add_argument("--queue", default="", help="queue to send it to")
@@ -106,7 +106,11 @@ def add_commands(commands: Any) -> None:
     cancel = command("cancel", "cancel a task")
     cancel.add_argument("task_id")
     cancel.add_argument(
-        "--mode", default="KILL", type=str.upper, choices=CANCEL_MODES, help="default KILL"
+        "--mode",
+        default="KILL",
+        type=str.upper,
+        choices=_choices(CancelMode, str.upper),
+        help="default KILL",
     )
     cancel.add_argument("--request-id", default="")
 
@@ -191,7 +195,7 @@ def _start(client: Client, args: argparse.Namespace, output: _Output) -> int:
         [parse_value(value) for value in args.args],
         _kwargs(args.kwargs),
         key=args.key,
-        return_existing=args.return_existing,
+        conflict_policy=args.policy,
         countdown=args.countdown,
         queue=args.queue,
         time_limit=args.time_limit,
@@ -221,7 +225,7 @@ def _watch(client: Client, args: argparse.Namespace, output: _Output) -> int:
 def _follow(changes: Iterator[Task], output: _Output) -> int:
     last = output.follow(changes)
     if last is None or not last.terminal:
-        raise Unavailable(grpc.StatusCode.UNAVAILABLE, "the stream ended before the task did")
+        raise Unavailable("the stream ended before the task did")
     return STATE_EXITS.get(last.state, EXIT_OK)
 
 
@@ -262,10 +266,13 @@ def task_json(task: Task) -> dict[str, Any]:
     return data
 
 
+def _choices(enum: Iterable[str], spell: Callable[[str], str] = str.lower) -> list[str]:
+    """The members of an API enum as the command line spells them."""
+    return [spell(member).replace("_", "-") for member in enum if member != "UNSPECIFIED"]
+
+
 def _error_json(error: TaskServiceError) -> dict[str, Any]:
-    data: dict[str, Any] = {"code": error.code.name, "message": error.message}
-    if error.reason:
-        data["reason"] = error.reason
+    data: dict[str, Any] = {"code": error.code, "message": error.message, "reason": error.reason}
     if error.metadata:
         data["metadata"] = error.metadata
     if error.violations:

@@ -8,21 +8,25 @@ same `message`, `metadata`, `violations` and `task_id`, so code that calls
 taskservice catches exactly what the server documents. Nothing here imports
 gRPC. Hierarchy (code, then reason = the class's `reason`):
 
-    TaskServiceError                      (abstract)
+    TaskServiceError         INTERNAL            a bug on the server; also any code the
+                                                 client meets that no class below names
       InvalidArgument        INVALID_ARGUMENT    bad id, key or option; args that do not bind
-        TaskTypeNotFound     INVALID_ARGUMENT    task name not exposed (celery.* never is)
-        ArgsTooLarge         INVALID_ARGUMENT    args + kwargs above TASKSERVICE_MAX_ARGS_BYTES
-      TaskNotFound           NOT_FOUND           id never issued here, or its record expired
-      KeyNotFound            NOT_FOUND           no task ever ran under the key (or it expired)
-      TaskAlreadyRunning     ALREADY_EXISTS      the key is held; metadata task_id = holder
-      TaskFinished           FAILED_PRECONDITION cancel of a task that already finished
-      Unauthenticated        UNAUTHENTICATED     no valid bearer token (taskservice.server.auth)
-      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission
-      Misconfigured          FAILED_PRECONDITION the server cannot use Redis or the broker as
+        TaskTypeNotFound                         task name not exposed (celery.* never is)
+        ArgsTooLarge                             args + kwargs above TASKSERVICE_MAX_ARGS_BYTES
+      NotFound               NOT_FOUND
+        TaskNotFound                             id never issued here, or its record expired
+        KeyNotFound                              no task ever ran under the key (or it expired)
+      AlreadyExists          ALREADY_EXISTS
+        TaskAlreadyRunning                       the key is held; `task_id` = the holder
+      FailedPrecondition     FAILED_PRECONDITION
+        TaskFinished                             cancel of a task that already finished
+        Misconfigured                            the server cannot use Redis or the broker as
                                                  configured (credentials, ACL): retrying is
                                                  pointless until an operator fixes it
-        RedisMisconfigured
-        BrokerMisconfigured
+          RedisMisconfigured
+          BrokerMisconfigured
+      Unauthenticated        UNAUTHENTICATED     no valid bearer token (taskservice.server.auth)
+      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission
       ResourceExhausted      RESOURCE_EXHAUSTED  retry later, with backoff
         PublishBacklog                           too many Starts are waiting for the broker
         RedisOutOfMemory                         Redis reached its maxmemory
@@ -33,7 +37,13 @@ gRPC. Hierarchy (code, then reason = the class's `reason`):
         RedisReadOnly                            Redis is a replica (failover in progress)
         BrokerUnavailable                        the broker refused or timed out
         ShuttingDown                             the server is draining
-    anything else            INTERNAL            a bug; logged with its traceback
+      DeadlineExceeded       DEADLINE_EXCEEDED   (client) the call's deadline passed first
+      Cancelled              CANCELLED           (client) the call was cancelled
+
+A class's `reason` is its name in upper snake case where it has its own
+(TASK_ALREADY_RUNNING); the code's bases use the code's name. The client maps a
+status to the class whose reason it carries, else to its code's base class
+(`from_status`), so a newer server's new reason still lands on the right base.
 """
 
 from __future__ import annotations
@@ -43,7 +53,9 @@ DOMAIN = "taskservice.dev"
 
 
 class TaskServiceError(Exception):
-    """Base of the errors a caller can act on."""
+    """Base of the errors a caller can act on: `code` is the gRPC status code
+    by name, `reason` the google.rpc.ErrorInfo reason, `metadata` its
+    metadata, `violations` the (field, description) pairs of a BadRequest."""
 
     code: str = "INTERNAL"
     reason: str = "INTERNAL"
@@ -55,14 +67,21 @@ class TaskServiceError(Exception):
         self.message = message
         self.metadata = metadata
         self.violations = violations or []
-        """(field, description) pairs, sent as a google.rpc.BadRequest."""
+
+    @property
+    def task_id(self) -> str:
+        """The task the error is about ("" if none): for TaskAlreadyRunning,
+        the task that holds the exclusivity key."""
+        return self.metadata.get("task_id", "")
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 class InvalidArgument(TaskServiceError):
-    """The request is malformed: fix it before retrying."""
+    """The request is malformed: fix it before retrying; `violations` names each field."""
 
-    code = "INVALID_ARGUMENT"
-    reason = "INVALID_ARGUMENT"
+    code = reason = "INVALID_ARGUMENT"
 
     @classmethod
     def of(cls, field: str, message: str) -> InvalidArgument:
@@ -82,52 +101,51 @@ class ArgsTooLarge(InvalidArgument):
     reason = "ARGS_TOO_LARGE"
 
 
-class TaskNotFound(TaskServiceError):
+class NotFound(TaskServiceError):
+    """What the call names does not exist (or its record expired)."""
+
+    code = reason = "NOT_FOUND"
+
+
+class TaskNotFound(NotFound):
     """No task has this id: never started here, or its record expired."""
 
-    code = "NOT_FOUND"
     reason = "TASK_NOT_FOUND"
 
 
-class KeyNotFound(TaskServiceError):
+class KeyNotFound(NotFound):
     """No task has run under this exclusivity key (or its record expired)."""
 
-    code = "NOT_FOUND"
     reason = "KEY_NOT_FOUND"
 
 
-class TaskAlreadyRunning(TaskServiceError):
-    """An unfinished task holds the exclusivity key; metadata task_id names it."""
+class AlreadyExists(TaskServiceError):
+    """What the call would create exists already."""
 
-    code = "ALREADY_EXISTS"
+    code = reason = "ALREADY_EXISTS"
+
+
+class TaskAlreadyRunning(AlreadyExists):
+    """An unfinished task holds the exclusivity key; `task_id` names it."""
+
     reason = "TASK_ALREADY_RUNNING"
 
 
-class TaskFinished(TaskServiceError):
+class FailedPrecondition(TaskServiceError):
+    """Not possible in the current state; retrying the same call will not help."""
+
+    code = reason = "FAILED_PRECONDITION"
+
+
+class TaskFinished(FailedPrecondition):
     """The task already finished, so it cannot be cancelled."""
 
-    code = "FAILED_PRECONDITION"
     reason = "TASK_FINISHED"
 
 
-class Unauthenticated(TaskServiceError):
-    """No valid bearer token: send `authorization: Bearer <token>`."""
-
-    code = "UNAUTHENTICATED"
-    reason = "UNAUTHENTICATED"
-
-
-class PermissionDenied(TaskServiceError):
-    """The token is valid but lacks the permission the method needs."""
-
-    code = "PERMISSION_DENIED"
-    reason = "PERMISSION_DENIED"
-
-
-class Misconfigured(TaskServiceError):
+class Misconfigured(FailedPrecondition):
     """The server cannot use Redis or the broker as configured; an operator must act."""
 
-    code = "FAILED_PRECONDITION"
     reason = "MISCONFIGURED"
 
 
@@ -143,11 +161,22 @@ class BrokerMisconfigured(Misconfigured):
     reason = "BROKER_MISCONFIGURED"
 
 
+class Unauthenticated(TaskServiceError):
+    """No valid bearer token: send `authorization: Bearer <token>`."""
+
+    code = reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TaskServiceError):
+    """The token is valid but lacks the permission the method needs."""
+
+    code = reason = "PERMISSION_DENIED"
+
+
 class ResourceExhausted(TaskServiceError):
     """A capacity limit was reached; retry later, with backoff."""
 
-    code = "RESOURCE_EXHAUSTED"
-    reason = "RESOURCE_EXHAUSTED"
+    code = reason = "RESOURCE_EXHAUSTED"
 
 
 class PublishBacklog(ResourceExhausted):
@@ -169,10 +198,10 @@ class RedisPoolExhausted(ResourceExhausted):
 
 
 class Unavailable(TaskServiceError):
-    """Temporarily unable to serve; retry (with backoff)."""
+    """Temporarily unable to serve; retry (with backoff). A Start that failed
+    this way left nothing running."""
 
-    code = "UNAVAILABLE"
-    reason = "UNAVAILABLE"
+    code = reason = "UNAVAILABLE"
 
 
 class RedisUnavailable(Unavailable):
@@ -203,6 +232,51 @@ class ShuttingDown(Unavailable):
     """This server is draining; call another, or again."""
 
     reason = "SHUTTING_DOWN"
+
+
+class DeadlineExceeded(TaskServiceError):
+    """The call's deadline passed before an answer came (raised by the client)."""
+
+    code = reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(TaskServiceError):
+    """The call was cancelled before an answer came (raised by the client)."""
+
+    code = reason = "CANCELLED"
+
+
+def _classes(base: type[TaskServiceError]) -> list[type[TaskServiceError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found.extend(_classes(sub))
+    return found
+
+
+_BY_REASON = {cls.reason: cls for cls in _classes(TaskServiceError)}
+_BY_CODE = {cls.code: cls for cls in _classes(TaskServiceError) if cls.reason == cls.code}
+
+
+def from_status(
+    code: str,
+    message: str,
+    *,
+    reason: str = "",
+    metadata: dict[str, str] | None = None,
+    violations: list[tuple[str, str]] | None = None,
+) -> TaskServiceError:
+    """The error a status stands for (code by name, e.g. "ALREADY_EXISTS"): the
+    class of its reason if that class has this code, else its code's base class,
+    else TaskServiceError carrying the code."""
+    cls = _BY_REASON.get(reason)
+    if cls is None or cls.code != code:
+        cls = _BY_CODE.get(code, TaskServiceError)
+    error = cls(message, violations=violations, **(metadata or {}))
+    if error.reason != reason and reason:
+        error.reason = reason
+    if cls.code != code:
+        error.code = code
+    return error
 
 
 def cut(text: str, limit: int = 300) -> str:

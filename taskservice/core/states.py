@@ -10,10 +10,11 @@ enums of the API (TaskState, ConflictPolicy, CancelMode) as Python enums.
 | REVOKED                | CANCELLED   |                                             |
 | LOST (ours, not Celery)| LOST        | its worker died or stopped heartbeating     |
 
-Each enum here has the names and numbers of the proto enum it stands for
-(`TASK_STATE_QUEUED = 1` is `TaskState.QUEUED`, value 1), so the server and
-the client convert by value and the rest of the code never sees a proto
-enum; tests/unit/test_translation.py checks that the two stay the same.
+Each enum here has the names of the proto enum it stands for, without the
+prefix (`TASK_STATE_QUEUED` is `TaskState.QUEUED`, whose value is "QUEUED"):
+the server and the client convert by name, and the rest of the code never
+sees a proto enum. tests/unit/test_translation.py checks that the two keep
+the same names. As strings, `task.state == "SUCCEEDED"` holds too.
 """
 
 from __future__ import annotations
@@ -23,46 +24,48 @@ import enum
 from taskservice.core.record import WORKER_LOST_ERROR, TaskRecord
 
 
-class TaskState(enum.IntEnum):
+class TaskState(enum.StrEnum):
     """The state of a task as callers see it (taskservice.v1.TaskState)."""
 
-    UNSPECIFIED = 0
-    QUEUED = 1
-    RUNNING = 2
-    SUCCEEDED = 3
-    FAILED = 4
-    CANCELLED = 5
-    LOST = 6
+    UNSPECIFIED = "UNSPECIFIED"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"
 
     @property
     def terminal(self) -> bool:
         """True once the task has ended (it will not change again)."""
-        return self >= TaskState.SUCCEEDED
+        return self in _TERMINAL
 
 
-class ConflictPolicy(enum.IntEnum):
+class ConflictPolicy(enum.StrEnum):
     """What a Start does when its exclusivity key is held
     (taskservice.v1.ConflictPolicy); UNSPECIFIED means REJECT."""
 
-    UNSPECIFIED = 0
-    REJECT = 1
-    RETURN_EXISTING = 2
+    UNSPECIFIED = "UNSPECIFIED"
+    REJECT = "REJECT"
+    RETURN_EXISTING = "RETURN_EXISTING"
 
 
-class CancelMode(enum.IntEnum):
+class CancelMode(enum.StrEnum):
     """How Cancel stops a running task (taskservice.v1.CancelMode);
     UNSPECIFIED means KILL (the behaviour taskservice replaced)."""
 
-    UNSPECIFIED = 0
-    GRACEFUL = 1
-    TERMINATE = 2
-    KILL = 3
+    UNSPECIFIED = "UNSPECIFIED"
+    GRACEFUL = "GRACEFUL"
+    TERMINATE = "TERMINATE"
+    KILL = "KILL"
 
     @property
     def recorded(self) -> str:
         """The mode as a task's record keeps it ("GRACEFUL", "TERMINATE", "KILL")."""
         return "KILL" if self is CancelMode.UNSPECIFIED else self.name
 
+
+_TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST})
 
 _STATES: dict[str, TaskState] = {
     "PENDING": TaskState.QUEUED,
@@ -89,7 +92,7 @@ def state_name(rec: TaskRecord) -> str:
     """The TaskState callers see for a record, by its proto name (e.g.
     "TASK_STATE_SUCCEEDED"), for messages: a caller never sees Celery's
     state names."""
-    return f"TASK_STATE_{task_state(rec).name}"
+    return f"TASK_STATE_{task_state(rec)}"
 
 
 RECORD_STATES: dict[TaskState, str] = {

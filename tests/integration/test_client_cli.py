@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from taskservice.client import AlreadyRunning, AsyncClient
+from taskservice import AsyncClient, TaskAlreadyRunning
 from taskservice.server.server import Server
 from tests.conftest import ROOT
 
@@ -63,6 +63,21 @@ async def test_exit_codes_say_how_the_task_ended(server: Server, key: str) -> No
     code, _, err = await cli(server, "start", "test.sleep", "--arg", "1", "--key", key)
     assert code == 1
     assert "ALREADY_EXISTS" in err and task_id in err
+    # With --policy return-existing, the held task is the answer.
+    code, out, _ = await cli(
+        server,
+        "start",
+        "test.sleep",
+        "--arg",
+        "1",
+        "--key",
+        key,
+        "--policy",
+        "return-existing",
+        "--json",
+    )
+    assert code == 0
+    assert (lines(out)[0]["id"], lines(out)[0]["already_existed"]) == (task_id, True)
     watching = asyncio.ensure_future(cli(server, "watch", task_id))
     await asyncio.sleep(1.0)
     code, out, _ = await cli(server, "cancel", task_id, "--mode", "terminate", "--json")
@@ -110,7 +125,7 @@ async def test_the_asyncio_client(server: Server, key: str) -> None:
         states = [change.state async for change in client.watch(task.id)]
         assert states[-1] == "SUCCEEDED"
         assert (await client.get(task.id)).result == "hi"
-        with pytest.raises(AlreadyRunning) as raised:
+        with pytest.raises(TaskAlreadyRunning) as raised:
             await client.start("test.sleep", [5], key=key + "-held")
             await client.start("test.sleep", [5], key=key + "-held")
         held = raised.value.task_id

@@ -12,8 +12,19 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from taskservice import (
+    Client,
+    ConflictPolicy,
+    InvalidArgument,
+    NotFound,
+    TaskAlreadyRunning,
+    TaskNotFound,
+    TaskServiceError,
+    TaskState,
+)
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
-from taskservice.client import AlreadyRunning, Client, InvalidArgument, NotFound, Task, to_value
+from taskservice.client import Task
+from taskservice.client.models import to_value
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TaskService"]
 TASK_ID = "2b1f4bf4-0c39-4e8c-9d59-7d4d4e0c7d11"
@@ -87,11 +98,11 @@ def test_already_exists_raises_with_the_holders_task_id(
         reason="TASK_ALREADY_RUNNING", domain="taskservice", metadata={"task_id": TASK_ID}
     )
     rpc.terminate(None, details(info), grpc.StatusCode.ALREADY_EXISTS, "key demo is held")
-    with pytest.raises(AlreadyRunning) as raised:
+    with pytest.raises(TaskAlreadyRunning) as raised:
         future.result(5)
     assert raised.value.task_id == TASK_ID
     assert raised.value.reason == "TASK_ALREADY_RUNNING"
-    assert raised.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert raised.value.code == "ALREADY_EXISTS"
 
 
 def test_invalid_argument_carries_the_field_violations(
@@ -152,5 +163,47 @@ def test_not_found_and_client_side_refusals(
         client.cancel(TASK_ID, "softly")
     with pytest.raises(ValueError, match="one of them"):
         client.get()
-    with pytest.raises(ValueError, match="unknown state"):
+    with pytest.raises(ValueError, match="state 'done' is none of QUEUED, RUNNING"):
         list(client.list_tasks(states=["done"]))
+
+
+def test_each_error_is_the_class_the_server_raised_else_its_codes_base(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    cases = [
+        ("TASK_NOT_FOUND", grpc.StatusCode.NOT_FOUND, TaskNotFound),
+        ("SOMETHING_NEWER", grpc.StatusCode.NOT_FOUND, NotFound),  # a newer server's reason
+        ("TASK_ALREADY_RUNNING", grpc.StatusCode.NOT_FOUND, NotFound),  # reason of another code
+    ]
+    for reason, code, expected in cases:
+        future = call(client.get, TASK_ID)
+        _, _, rpc = channel.take_unary_unary(method("GetStatus"))
+        info = error_details_pb2.ErrorInfo(reason=reason, domain="taskservice.dev")
+        rpc.terminate(None, details(info), code, "gone")
+        with pytest.raises(TaskServiceError) as raised:
+            future.result(5)
+        assert type(raised.value) is expected, reason
+        assert (raised.value.code, raised.value.reason) == ("NOT_FOUND", reason)
+    future = call(client.get, TASK_ID)
+    _, _, rpc = channel.take_unary_unary(method("GetStatus"))
+    rpc.terminate(None, (), grpc.StatusCode.DATA_LOSS, "lost")
+    with pytest.raises(TaskServiceError) as raised:
+        future.result(5)
+    assert type(raised.value) is TaskServiceError and raised.value.code == "DATA_LOSS"
+
+
+def test_policy_and_states_are_enums_end_to_end(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    future = call(client.start, "demo.dummy", conflict_policy=ConflictPolicy.RETURN_EXISTING)
+    _, request, rpc = channel.take_unary_unary(method("Start"))
+    assert request.conflict_policy == pb.CONFLICT_POLICY_RETURN_EXISTING
+    answer = pb.Task(id=TASK_ID, state=pb.TASK_STATE_RUNNING, cancel_mode=pb.CANCEL_MODE_GRACEFUL)
+    rpc.terminate(pb.StartResponse(task=answer, already_existed=True), (), grpc.StatusCode.OK, "")
+    task = future.result(5)
+    assert task.state is TaskState.RUNNING and task.already_existed
+    assert task.cancel_mode == "GRACEFUL" and not task.terminal
+    unknown = Task.from_message(pb.Task(id=TASK_ID, state=99))  # a newer server's state
+    assert unknown.state is TaskState.UNSPECIFIED
+    with pytest.raises(ValueError, match="conflict_policy 'sometimes' is none of REJECT"):
+        client.start("demo.dummy", conflict_policy="sometimes")

@@ -1,0 +1,180 @@
+"""What the blocking and the asyncio client share: building each request,
+decoding each answer and each error. `Client` and `AsyncClient` only do I/O
+(as httpx's clients share `BaseClient`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice.client.models import Task, TaskType, to_value
+from taskservice.core.errors import TaskServiceError, from_status
+from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
+
+
+def default_target() -> str:
+    """TASKSERVICE_ADDRESS, else 127.0.0.1 and TASKSERVICE_PORT (50051)."""
+    return os.environ.get("TASKSERVICE_ADDRESS") or (
+        f"127.0.0.1:{os.environ.get('TASKSERVICE_PORT') or 50051}"
+    )
+
+
+def channel_credentials(
+    ca_file: str = "", cert_file: str = "", key_file: str = ""
+) -> grpc.ChannelCredentials:
+    """TLS credentials: the server's CA (system roots if none) and, for
+    mutual TLS, this client's certificate and key."""
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+
+
+def error_from(rpc_error: grpc.RpcError) -> TaskServiceError:
+    """The error a failed call stands for: the class the server raised (by
+    the ErrorInfo reason, else the code), with its message, metadata and
+    BadRequest violations (taskservice.core.errors)."""
+    call: Any = rpc_error  # a grpc.Call (sync) or grpc.aio.AioRpcError
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or code.name
+    reason, metadata, violations = "", {}, []
+    for key, value in call.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # not a google.rpc.Status (a proxy's, say): the code still holds
+            continue
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Unpack(bad):
+                violations = [(v.field, v.description) for v in bad.field_violations]
+    return from_status(code.name, message, reason=reason, metadata=metadata, violations=violations)
+
+
+class BaseClient:
+    """Options, requests and decoding; the subclasses call the server."""
+
+    def __init__(self, *, token: str | None, timeout: float | None) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._timeout = timeout
+
+    # -- Requests ------------------------------------------------------------
+
+    @staticmethod
+    def _start_request(
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        *,
+        key: str,
+        conflict_policy: ConflictPolicy | str,
+        countdown: float | None,
+        queue: str,
+        time_limit: float | None,
+        soft_time_limit: float | None,
+        request_id: str,
+    ) -> pb.StartRequest:
+        policy = _member(ConflictPolicy, conflict_policy, "conflict_policy")
+        request = pb.StartRequest(
+            task_name=task_name,
+            exclusivity_key=key,
+            conflict_policy=pb.ConflictPolicy.Value(f"CONFLICT_POLICY_{policy}"),
+            request_id=request_id,
+        )
+        request.args.CopyFrom(to_value(list(args)).list_value)
+        request.kwargs.CopyFrom(to_value(dict(kwargs or {})).struct_value)
+        options = request.options
+        options.queue = queue
+        for name, seconds in (
+            ("countdown", countdown),
+            ("time_limit", time_limit),
+            ("soft_time_limit", soft_time_limit),
+        ):
+            if seconds is not None:
+                getattr(options, name).FromNanoseconds(round(seconds * 1e9))
+        return request
+
+    @staticmethod
+    def _get_request(task_id: str, key: str) -> pb.GetStatusRequest:
+        return pb.GetStatusRequest(**_select(task_id, key))
+
+    @staticmethod
+    def _cancel_request(task_id: str, mode: CancelMode | str, request_id: str) -> pb.CancelRequest:
+        member = _member(CancelMode, mode, "cancel mode")
+        return pb.CancelRequest(
+            task_id=task_id,
+            mode=pb.CancelMode.Value(f"CANCEL_MODE_{member}"),
+            request_id=request_id,
+        )
+
+    @staticmethod
+    def _watch_request(task_id: str, key: str, after_sequence: int) -> pb.WatchStatusRequest:
+        return pb.WatchStatusRequest(**_select(task_id, key), after_sequence=after_sequence)
+
+    @staticmethod
+    def _list_request(
+        states: Sequence[TaskState | str],
+        task_name: str,
+        key: str,
+        page_size: int,
+        page_token: str,
+    ) -> pb.ListTasksRequest:
+        numbers = [
+            pb.TaskState.Value(f"TASK_STATE_{_member(TaskState, s, 'state')}") for s in states
+        ]
+        return pb.ListTasksRequest(
+            states=numbers,
+            task_name=task_name,
+            exclusivity_key=key,
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    # -- Answers -------------------------------------------------------------
+
+    @staticmethod
+    def _started(response: pb.StartResponse) -> Task:
+        return Task.from_message(response.task, already_existed=response.already_existed)
+
+    @staticmethod
+    def _task(response: pb.GetStatusResponse | pb.CancelResponse | pb.WatchStatusResponse) -> Task:
+        return Task.from_message(response.task)
+
+    @staticmethod
+    def _task_types(response: pb.ListTaskTypesResponse) -> list[TaskType]:
+        return [TaskType.from_message(t) for t in response.task_types]
+
+
+def _select(task_id: str, key: str) -> dict[str, str]:
+    if bool(task_id) == bool(key):
+        raise ValueError("give a task id or an exclusivity key (one of them)")
+    return {"task_id": task_id} if task_id else {"exclusivity_key": key}
+
+
+E = TypeVar("E", ConflictPolicy, CancelMode, TaskState)
+
+
+def _member(enum: type[E], value: E | str, what: str) -> E:
+    """`value` as a member of `enum` (a member, or its name in any case, `-`
+    for `_`); ValueError naming the choices."""
+    try:
+        member = enum(value.upper().replace("-", "_"))
+    except ValueError:
+        member = None
+    if member is None or member == "UNSPECIFIED":
+        choices = ", ".join(m for m in enum if m != "UNSPECIFIED")
+        raise ValueError(f"{what} {value!r} is none of {choices}")
+    return member
