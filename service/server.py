@@ -25,13 +25,14 @@ from taskservice.core.metrics import serve as serve_metrics
 from taskservice.core.registry import EXPOSED, NotTrackable
 from taskservice.core.settings import Settings
 from taskservice.server.auth import Token, Tokens, load_tokens
-from taskservice.server.backend import Backend
 from taskservice.server.guard import Guard
 from taskservice.server.hub import EventHub
+from taskservice.server.operations import Operations
 from taskservice.server.publisher import Publisher, create_publisher
 from taskservice.server.redis_link import RedisLink
 from taskservice.server.reflection import add_reflection
 from taskservice.server.servicer import TaskServiceServicer
+from taskservice.server.sweeper import Sweeper
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Server:
 
     server: grpc.aio.Server
     port: int
-    backend: Backend
+    operations: Operations
     health: health.aio.HealthServicer
     guard: Guard
     metrics_endpoint: Endpoint | None = None
@@ -73,12 +74,12 @@ class Server:
         # Tell health watchers first, so load balancers stop sending calls.
         await self.health.enter_graceful_shutdown()
         self.guard.drain()
-        await self.backend.hub.close()
+        await self.operations.hub.close()
         # gRPC's own stop cancels calls it has received but not yet handed
         # to a handler; refusing them ourselves first leaves it none.
         await self.guard.drained(max(0.0, until - loop.time()))
         await self.server.stop(max(0.0, until - loop.time()))
-        await self.backend.close()
+        await self.operations.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
 
@@ -126,12 +127,12 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     metrics_registry = None if multiprocess_mode() else own_registry()
     served = bool(settings.metrics_port) or multiprocess_mode()
     metrics = ServerMetrics(metrics_registry, per_call=served)
-    backend = Backend(settings, EXPOSED, publisher, link, hub, metrics=metrics)
+    operations = Operations.build(settings, EXPOSED, publisher, link, hub, metrics=metrics)
 
     guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics)
     server = grpc.aio.server(options=server_options(settings))
     servicer = TaskServiceServicer(
-        backend,
+        operations,
         tracebacks=not settings.hide_tracebacks,
         max_response_bytes=settings.max_response_bytes,
     )
@@ -148,7 +149,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         else:
             bound = server.add_secure_port(address, credentials)
     except RuntimeError:
-        await backend.close()
+        await operations.close()
         raise PortInUse(
             f"cannot listen on {address}: the port is taken (another taskservice?). Pick "
             "another TASKSERVICE_PORT, or set TASKSERVICE_REUSE_PORT=true to share it on purpose"
@@ -158,7 +159,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         try:
             endpoint = serve_metrics(settings.metrics_host, settings.metrics_port, metrics_registry)
         except OSError as error:
-            await backend.close()
+            await operations.close()
             raise StartupError(
                 f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
                 f"({error}); pick another TASKSERVICE_METRICS_PORT"
@@ -168,15 +169,15 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     running = Server(
         server=server,
         port=bound,
-        backend=backend,
+        operations=operations,
         health=health_servicer,
         guard=guard,
         metrics_endpoint=endpoint,
     )
-    await _report_health(backend, health_servicer)
+    await _report_health(operations, health_servicer)
     running._tasks += [
-        asyncio.create_task(_health_loop(backend, health_servicer, settings.health_interval)),
-        asyncio.create_task(_sweep_loop(backend, settings.sweep_interval)),
+        asyncio.create_task(_health_loop(operations, health_servicer, settings.health_interval)),
+        asyncio.create_task(_sweep_loop(operations.sweeper, settings.sweep_interval)),
     ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
@@ -245,8 +246,8 @@ def events_client_name(settings: Settings) -> str:
     return f"{settings.key_prefix}:events"
 
 
-async def _report_health(backend: Backend, servicer: health.aio.HealthServicer) -> None:
-    ok = await backend.ping()
+async def _report_health(operations: Operations, servicer: health.aio.HealthServicer) -> None:
+    ok = await operations.ping()
     status = (
         health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
     )
@@ -255,23 +256,23 @@ async def _report_health(backend: Backend, servicer: health.aio.HealthServicer) 
 
 
 async def _health_loop(
-    backend: Backend, servicer: health.aio.HealthServicer, interval: float
+    operations: Operations, servicer: health.aio.HealthServicer, interval: float
 ) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await _report_health(backend, servicer)
+            await _report_health(operations, servicer)
         except Exception:
             logger.exception("health check failed")
 
 
-async def _sweep_loop(backend: Backend, interval: float) -> None:
+async def _sweep_loop(sweeper: Sweeper, interval: float) -> None:
     """End tasks whose lease lapsed. Every server sweeps; each expiry is one
-    atomic script, so a task is never ended twice (the backend logs and
+    atomic script, so a task is never ended twice (the sweeper logs and
     counts each)."""
     while True:
         try:
-            await backend.sweep()
+            await sweeper.sweep()
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.debug("lease sweep failed (%s); next in %gs", exc, interval)
         except Exception:

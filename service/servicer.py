@@ -24,7 +24,9 @@ from taskservice.core import errors
 from taskservice.core.record import TaskRecord, unrepresentable
 from taskservice.core.registry import TaskType, annotation_text
 from taskservice.core.states import RECORD_STATES, CancelMode, ConflictPolicy, TaskState, task_state
-from taskservice.server.backend import Backend, StartCommand, TaskFilter
+from taskservice.server.operations import Operations
+from taskservice.server.reads import TaskFilter
+from taskservice.server.starts import StartCommand
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -50,9 +52,9 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     """The taskservice.v1.TaskService handlers."""
 
     def __init__(
-        self, backend: Backend, *, tracebacks: bool = True, max_response_bytes: int = 4 << 20
+        self, operations: Operations, *, tracebacks: bool = True, max_response_bytes: int = 4 << 20
     ) -> None:
-        self._backend = backend
+        self._ops = operations
         self._tracebacks = tracebacks
         self._max_response_bytes = max_response_bytes
         # Serialized answers by (task id, sequence): a change watched by a
@@ -68,7 +70,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
                 "conflict_policy", f"unknown conflict_policy {request.conflict_policy}"
             )
         options = request.options
-        started = await self._backend.start(
+        started = await self._ops.starts.start(
             StartCommand(
                 task_name=request.task_name,
                 args=[_from_value(v, f"args[{i}]") for i, v in enumerate(request.args.values)],
@@ -95,7 +97,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         task_id = await self._select(request)
-        return self._answer(await self._backend.get(task_id))
+        return self._answer(await self._ops.reads.get(task_id))
 
     async def Cancel(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -104,21 +106,21 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         if mode is None:
             raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}")
         return self._answer(
-            await self._backend.cancel(request.task_id, mode, request_id=request.request_id)
+            await self._ops.cancels.cancel(request.task_id, mode, request_id=request.request_id)
         )
 
     async def WatchStatus(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         task_id = await self._select(request)
-        async for rec in self._backend.watch(task_id, request.after_sequence):
+        async for rec in self._ops.watches.watch(task_id, request.after_sequence):
             yield self._answer(rec)
 
     async def ListTaskTypes(
         self, request: pb.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListTaskTypesResponse:
         return pb.ListTaskTypesResponse(
-            task_types=[task_type_message(t) for t in self._backend.task_types()]
+            task_types=[task_type_message(t) for t in self._ops.records.registry.types()]
         )
 
     async def ListTasks(
@@ -142,7 +144,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
             message = messages[rec.id] = task_message(rec, traceback=False)
             return message.ByteSize() + 8
 
-        page = await self._backend.list_tasks(
+        page = await self._ops.reads.list_tasks(
             wanted,
             page_size=request.page_size,
             page_token=request.page_token,
@@ -171,7 +173,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         if which == "task_id":
             return request.task_id
         if which == "exclusivity_key":
-            return await self._backend.resolve_key(request.exclusivity_key)
+            return await self._ops.reads.resolve_key(request.exclusivity_key)
         raise errors.InvalidArgument.of("selector", "give task_id or exclusivity_key")
 
 

@@ -304,7 +304,7 @@ async def test_a_lapsed_lease_is_counted_and_logged_with_its_task(
     lapsed = [line for line in lines if "lease lapsed" in line["event"]]
     assert len(lapsed) == 1, lines
     assert lapsed[0]["exclusivity_key"] == key
-    assert lapsed[0]["level"] == "info" and lapsed[0]["logger"] == "taskservice.server.backend"
+    assert lapsed[0]["level"] == "info" and lapsed[0]["logger"] == "taskservice.server.sweeper"
     assert "timestamp" in lapsed[0]
 
 

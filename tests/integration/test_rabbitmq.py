@@ -61,7 +61,7 @@ async def server(
     settings: Settings, worker_process: subprocess.Popen[bytes]
 ) -> AsyncIterator[Server]:
     running = await create_server(settings, port=0)
-    assert not running.backend.publisher.direct, "this module tests the publishing path"
+    assert not running.operations.publisher.direct, "this module tests the publishing path"
     yield running
     await running.stop(1)
 

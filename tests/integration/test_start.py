@@ -260,7 +260,7 @@ async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
     from taskservice.server.publisher import create_publisher
     from taskservice.worker.app import app
 
-    publisher = server.backend.publisher
+    publisher = server.operations.publisher
     assert publisher.direct  # the tests' broker is the records' Redis
     options: dict[str, Any] = {
         "args": [1, "two"],

@@ -68,7 +68,7 @@ async def test_many_watchers_all_see_the_same_sequence(
     for messages in results:
         assert [m.sequence for m in messages] == list(range(messages[0].sequence, 7))
     await asyncio.sleep(0.1)
-    assert server.backend.hub.watcher_count == 0  # every stream cleaned up
+    assert server.operations.hub.watcher_count == 0  # every stream cleaned up
 
 
 async def test_a_dropped_watcher_leaves_nothing_behind(
@@ -77,13 +77,13 @@ async def test_a_dropped_watcher_leaves_nothing_behind(
     task = await start(stub, "test.sleep", seconds=1)
     call = stub.WatchStatus(pb.WatchStatusRequest(task_id=task.id))
     await call.read()
-    assert server.backend.hub.watcher_count >= 1
+    assert server.operations.hub.watcher_count >= 1
     call.cancel()
     for _ in range(100):
-        if server.backend.hub.watcher_count == 0:
+        if server.operations.hub.watcher_count == 0:
             break
         await asyncio.sleep(0.02)
-    assert server.backend.hub.watcher_count == 0
+    assert server.operations.hub.watcher_count == 0
     await finished(stub, task.id)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taskservice.core.states import ConflictPolicy
-from taskservice.server.backend import StartCommand
+from taskservice.server.starts import StartCommand
 
 LEFT_OUT = {"args_size", "time_remaining", "request_id"}
 """How the call was made, not what it asks: the only fields left out."""

@@ -1,0 +1,128 @@
+"""What every domain module of the server shares: the task records in Redis,
+reached through one pipelined link, changed only by the Lua scripts of
+taskservice.core.scripts.
+
+The domain modules (starts, cancels, reads, watches, sweeper) each do one
+thing; they share one `Records` per server process, which runs their scripts,
+knows the settings, and counts the ends it makes. Every record change is one
+script, so each decision (is the key free? may this task be cancelled? has
+its lease lapsed?) and its write happen in one atomic step.
+
+Each operation binds what it knows about its task (task_id, exclusivity_key,
+request_id) to the logging context as soon as it knows it, so every line
+logged on its behalf carries them (taskservice.core.logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import redis.exceptions
+
+from taskservice.core import record, scripts
+from taskservice.core.errors import InvalidArgument
+from taskservice.core.metrics import ServerMetrics
+from taskservice.core.record import TaskRecord
+from taskservice.core.registry import EXCLUSIVITY_KEY_PATTERN, TaskRegistry
+from taskservice.core.scripts import Call, Scripts
+from taskservice.core.settings import Settings
+from taskservice.core.states import STATE_LABELS
+from taskservice.server.redis_link import RedisLink
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Records:
+    """The task records, for one server process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        link: RedisLink,
+        registry: TaskRegistry,
+        metrics: ServerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.link = link
+        self.registry = registry
+        self.metrics = metrics
+        self.prefix = settings.key_prefix
+        self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
+
+    async def run(self, call: Call) -> Any:
+        """Run a script once."""
+        return await self.link.script(call)
+
+    async def persist(self, call: Call) -> Any:
+        """Run a script, retrying through a Redis restart or failover for up
+        to half a lease: long enough to ride out a blip, short enough to end
+        well within the provisional lease of a Start."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.lease / 2
+        delay = 0.05
+        while True:
+            try:
+                return await self.run(call)
+            except redis.exceptions.RedisError as error:
+                if not scripts.transient(error) or loop.time() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def ping(self) -> bool:
+        """True if Redis answers."""
+        try:
+            return bool(await self.link.execute("PING") == "PONG")
+        except (redis.exceptions.RedisError, OSError):
+            return False
+
+    def ended(self, task_name: str, state: str) -> None:
+        """Count an end this server made; a task type no longer exposed is
+        counted without its name (label values stay bounded)."""
+        name = task_name if self.registry.get(task_name) is not None else ""
+        self.metrics.tasks_ended.labels(name, STATE_LABELS.get(state, state.lower())).inc()
+
+
+def parse_task_id(task_id: str) -> str:
+    """The canonical form of a task id; InvalidArgument if it is no UUID."""
+    if not task_id:
+        raise InvalidArgument.of("task_id", "task_id is required")
+    try:
+        return str(uuid.UUID(task_id))
+    except ValueError:
+        raise InvalidArgument.of("task_id", f"task_id {task_id[:80]!r} is not a UUID") from None
+
+
+def check_exclusivity_key(key: str) -> str:
+    """`key`; InvalidArgument unless it is a valid exclusivity key."""
+    if not EXCLUSIVITY_KEY_PATTERN.fullmatch(key):
+        raise InvalidArgument.of(
+            "exclusivity_key",
+            f"exclusivity_key {key[:80]!r} must be 1-128 characters of [A-Za-z0-9._:@/-]",
+        )
+    return key
+
+
+def never_enqueued(rec: TaskRecord) -> bool:
+    """True for a task whose Start gave it up before the broker had it."""
+    return rec.error is not None and rec.error.type == record.NOT_ENQUEUED_ERROR
+
+
+async def shielded(operation: Coroutine[Any, Any, T]) -> T:
+    """Await `operation`, letting it finish even if the awaiting call is cancelled."""
+    task = asyncio.ensure_future(operation)
+    task.add_done_callback(_log_orphan_failure)
+    return await asyncio.shield(task)
+
+
+def _log_orphan_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Retrieving the exception here keeps asyncio from warning "never
+        # retrieved" when the caller left; a caller still waiting raises it.
+        logger.debug("operation ended with %r", task.exception())

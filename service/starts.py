@@ -1,0 +1,342 @@
+"""Start: claim the exclusivity key and hand the task to the broker, so that
+two tasks under one key never run at once and an accepted task is never lost.
+
+The claim is one script (taskservice.core.scripts): it answers ALREADY_EXISTS
+while the key's holder is unfinished, else writes the record and makes the new
+task the holder. When the broker is the records' Redis and the message can go
+exactly where kombu would put it, the same script pushes the message: one
+round trip. Otherwise the claim carries a short provisional lease, the
+publisher hands the message to the broker, and a confirm script drops the
+lease; a failed publish gives the key back (abandon). A Start with a
+request_id that was answered before answers the same again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.exceptions
+from structlog.contextvars import bind_contextvars
+
+from taskservice.apps import MAX_COUNTDOWN
+from taskservice.core import record
+from taskservice.core.errors import (
+    ArgsTooLarge,
+    BrokerUnavailable,
+    InvalidArgument,
+    RedisUnavailable,
+    TaskAlreadyRunning,
+    TaskNotFound,
+    TaskTypeNotFound,
+    cut,
+)
+from taskservice.core.record import TaskRecord
+from taskservice.core.registry import (
+    EXCLUSIVITY_KEY_PATTERN,
+    ArgumentsInvalid,
+    TaskType,
+    signature_text,
+)
+from taskservice.core.scripts import Request
+from taskservice.core.states import ConflictPolicy
+from taskservice.server.publisher import Delivery, Publisher, Ticket
+from taskservice.server.reads import Reads
+from taskservice.server.records import (
+    Records,
+    check_exclusivity_key,
+    never_enqueued,
+    shielded,
+)
+from taskservice.server.requests import fingerprint, remembered, reused
+
+logger = logging.getLogger(__name__)
+
+QUEUE_PATTERN = EXCLUSIVITY_KEY_PATTERN
+KOMBU_KEYS = ("unacked", "_kombu")
+"""kombu's own Redis keys: never a queue, whatever TASKSERVICE_QUEUES says."""
+
+
+NOT_PART_OF_THE_REQUEST = {"request": False}
+"""Field metadata of a StartCommand field that a request's fingerprint leaves
+out: how the call was made, not what it asks."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartCommand:
+    """A validated-shape Start; `Backend.start` checks the values. Every field
+    is part of what the request asks (its fingerprint, see `fingerprint`)
+    unless its metadata says NOT_PART_OF_THE_REQUEST."""
+
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    args_size: int = field(metadata=NOT_PART_OF_THE_REQUEST)
+    """The size of args and kwargs as received (derived from them)."""
+    exclusivity_key: str = ""
+    conflict_policy: ConflictPolicy = ConflictPolicy.REJECT
+    countdown: float | None = None
+    queue: str = ""
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    time_remaining: float | None = field(default=None, metadata=NOT_PART_OF_THE_REQUEST)
+    """Seconds until the caller's deadline, if it has one."""
+    request_id: str = field(default="", metadata=NOT_PART_OF_THE_REQUEST)
+
+    def __post_init__(self) -> None:
+        if self.conflict_policy is ConflictPolicy.UNSPECIFIED:
+            # The proto's default means REJECT: the same request either way.
+            object.__setattr__(self, "conflict_policy", ConflictPolicy.REJECT)
+
+    def fingerprint(self) -> str:
+        """A digest of what this Start asks: a repeat with the same request_id
+        must ask exactly this, or it is refused."""
+        asked = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("request", True)
+        }
+        return fingerprint("Start", asked)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    record: TaskRecord
+    already_existed: bool
+
+
+class Starts:
+    """Starting tasks."""
+
+    def __init__(self, records: Records, reads: Reads, publisher: Publisher) -> None:
+        self._records = records
+        self._reads = reads
+        self._publisher = publisher
+
+    async def start(self, cmd: StartCommand) -> Started:
+        request = remembered(cmd.request_id, cmd.fingerprint, self._records.settings)
+        if request is not None:  # a valid one: no caller's junk in the logs
+            bind_contextvars(request_id=request.id)
+        task_type, cmd = self._check_start(cmd)
+        answer_by = None
+        if cmd.time_remaining is not None:
+            answer_by = asyncio.get_running_loop().time() + cmd.time_remaining
+        if self._publisher.direct:
+            # One script, claim and message together: it ran or it did not,
+            # so there is nothing to finish if the caller goes away.
+            return await self._start(cmd, task_type, answer_by, request)
+        # A Start that publishes runs to its end even if the caller goes
+        # away: its claim is either confirmed (the broker has the message) or
+        # abandoned (the key goes back), never left to its provisional lease.
+        return await shielded(self._start(cmd, task_type, answer_by, request))
+
+    async def _start(
+        self,
+        cmd: StartCommand,
+        task_type: TaskType,
+        answer_by: float | None,
+        request: Request | None,
+    ) -> Started:
+        key = cmd.exclusivity_key or task_type.default_exclusivity_key
+        task_id = str(uuid.uuid4())
+        if key:
+            bind_contextvars(task_id=task_id, exclusivity_key=key)
+        else:
+            bind_contextvars(task_id=task_id)
+        queue = cmd.queue or self._publisher.queue_for(cmd.task_name)
+        scheduled = time.time() + cmd.countdown if cmd.countdown else None
+        fields = record.new_record_fields(
+            task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
+        )
+        provisional_ms = int(self._records.settings.provisional_lease * 1000)
+        delivery = Delivery(
+            cmd.task_name,
+            task_id,
+            args=cmd.args,
+            kwargs=cmd.kwargs,
+            queue=queue,
+            countdown=cmd.countdown,
+            time_limit=cmd.time_limit,
+            soft_time_limit=cmd.soft_time_limit,
+        )
+        push = None
+        if self._publisher.direct:
+            push = (queue, self._publisher.message(delivery))
+        claim = self._records.scripts.claim(
+            fields,
+            exclusivity_key=key,
+            provisional_ms=provisional_ms,
+            request=request,
+            push=push,
+        )
+        try:
+            status, detail = await self._records.run(claim)
+        except (redis.exceptions.RedisError, OSError):
+            # The claim may have been written before the connection failed:
+            # give the key back now rather than after the provisional lease,
+            # or the caller's retry would meet its own ghost.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self._records.run(
+                    self._records.scripts.abandon(task_id, "never enqueued: Redis failed")
+                )
+            raise
+        if status == "repeat":
+            earlier = await self._settled(str(detail))
+            if earlier is None:  # that Start failed after all: this one runs anew
+                return await self._start(cmd, task_type, answer_by, request)
+            return Started(earlier, already_existed=False)
+        if status == "reused":
+            raise reused(request)
+        if status == "held":
+            holder = TaskRecord.from_json(detail)
+            if cmd.conflict_policy is ConflictPolicy.RETURN_EXISTING:
+                self._records.metrics.conflicts.labels(cmd.task_name, "return_existing").inc()
+                return Started(holder, already_existed=True)
+            self._records.metrics.conflicts.labels(cmd.task_name, "fail").inc()
+            raise TaskAlreadyRunning(
+                f"task {holder.id} ({holder.name}) is already running under exclusivity "
+                f"key {key!r}; cancel it, wait for it, or start with conflict_policy "
+                "CONFLICT_POLICY_RETURN_EXISTING",
+                task_id=holder.id,
+                exclusivity_key=key,
+            )
+        accepted = TaskRecord.from_fields(fields)
+        if push is not None:
+            self._records.metrics.tasks_started.labels(cmd.task_name).inc()
+            return Started(accepted, already_existed=False)  # enqueued with its claim
+        try:
+            with self._publisher.admit() as ticket:
+                await self._publish(ticket, delivery, answer_by)
+        except (Exception, asyncio.CancelledError) as exc:
+            if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
+                raise
+            self._records.metrics.tasks_started.labels(cmd.task_name).inc()
+            return Started(accepted, already_existed=False)
+        # The broker has the message: a worker may run it any moment, so this
+        # Start must not answer an error because Redis blinked now.
+        status, detail = await self._records.persist(self._records.scripts.confirm(task_id))
+        if status == "missing":
+            raise RedisUnavailable(f"the record of task {task_id} vanished: did Redis lose data?")
+        if status == "moved" and never_enqueued(TaskRecord.from_json(detail)):
+            raise BrokerUnavailable(
+                f"the broker took task {task_id} too late: it was given up and will not run; retry"
+            )
+        self._records.metrics.tasks_started.labels(cmd.task_name).inc()
+        return Started(accepted, already_existed=False)
+
+    async def _settled(self, task_id: str) -> TaskRecord | None:
+        """The task an earlier Start with the same request id made, once that
+        Start has settled; None if it failed (its task was never enqueued)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._records.settings.provisional_lease
+        while True:
+            try:
+                rec = await self._reads.get(task_id)
+            except TaskNotFound:
+                return None
+            if never_enqueued(rec):
+                return None
+            if not rec.publishing or loop.time() > give_up:
+                return rec
+            await asyncio.sleep(0.02)
+
+    async def _publish(self, ticket: Ticket, delivery: Delivery, answer_by: float | None) -> None:
+        wait = self._records.settings.publish_timeout
+        if answer_by is not None:
+            left = answer_by - asyncio.get_running_loop().time()
+            # Keep a little of the caller's time for the answer itself.
+            wait = min(wait, left - min(0.5, max(0.02, left * 0.1)))
+            if wait <= 0:
+                raise BrokerUnavailable("the caller's deadline left no time to enqueue the task")
+        await self._publisher.send(ticket, delivery, wait=wait)
+
+    async def _abandon(self, task_id: str, error: BaseException) -> bool:
+        """Give up a Start whose publish failed: end the task and give the key
+        back. False if a worker has the task after all (the Start succeeded)."""
+        message = f"never enqueued: {str(error)[:200] or type(error).__name__}"
+        try:
+            status, detail = await self._records.persist(
+                self._records.scripts.abandon(task_id, message)
+            )
+        except (redis.exceptions.RedisError, OSError):
+            logger.warning("could not abandon task %s; its provisional lease will", task_id)
+            return True
+        if status == "moved" and not never_enqueued(TaskRecord.from_json(detail)):
+            logger.info("task %s reached a worker although its publish reported %r", task_id, error)
+            return False
+        logger.warning("Start gave its task up: %s", message)
+        return True
+
+    def _check_start(self, cmd: StartCommand) -> tuple[TaskType, StartCommand]:
+        """The task type, and the command with its arguments converted to the
+        task's annotations; InvalidArgument (naming the field) if anything is off."""
+        if not cmd.task_name:
+            raise InvalidArgument.of("task_name", "task_name is required")
+        task_type = self._records.registry.get(cmd.task_name)
+        if task_type is None:
+            raise TaskTypeNotFound(
+                f"unknown task type {cmd.task_name[:200]!r}; ListTaskTypes lists the ones "
+                "that can be started",
+                task_name=cmd.task_name[:200],
+            )
+        if cmd.args_size > self._records.settings.max_args_bytes:
+            raise ArgsTooLarge(
+                f"args and kwargs take {cmd.args_size} bytes; the limit is "
+                f"{self._records.settings.max_args_bytes}"
+            )
+        try:
+            args, kwargs = task_type.check(cmd.args, cmd.kwargs)
+        except ArgumentsInvalid as error:
+            raise InvalidArgument(
+                f"arguments do not fit {task_type.name}{cut(signature_text(task_type.signature))}: "
+                f"{error}",
+                violations=error.violations,
+            ) from None
+        if cmd.exclusivity_key:
+            check_exclusivity_key(cmd.exclusivity_key)
+        if cmd.queue:
+            self._check_queue(cmd.queue, cmd.task_name)
+        if cmd.countdown is not None and not 0 <= cmd.countdown <= MAX_COUNTDOWN:
+            raise InvalidArgument.of(
+                "options.countdown",
+                f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s",
+            )
+        for name, limit in (
+            ("time_limit", cmd.time_limit),
+            ("soft_time_limit", cmd.soft_time_limit),
+        ):
+            if limit is not None and limit <= 0:
+                message = f"{name} must be positive, not {limit:g}s"
+                raise InvalidArgument.of(f"options.{name}", message)
+        if (
+            cmd.time_limit is not None
+            and cmd.soft_time_limit is not None
+            and cmd.soft_time_limit >= cmd.time_limit
+        ):
+            raise InvalidArgument.of(
+                "options.soft_time_limit", "soft_time_limit must be below time_limit"
+            )
+        return task_type, dataclasses.replace(cmd, args=args, kwargs=kwargs)
+
+    def _check_queue(self, queue: str, task_name: str) -> None:
+        if queue in (self._publisher.default_queue, self._publisher.queue_for(task_name)):
+            return
+        declared = self._records.settings.queue_names
+        allowed = QUEUE_PATTERN.fullmatch(queue) and not queue.startswith(KOMBU_KEYS)
+        if allowed and any(
+            queue == name or (name.endswith("*") and queue.startswith(name[:-1]))
+            for name in declared
+        ):
+            return
+        raise InvalidArgument(
+            f"queue {cut(queue, 80)!r} is not one this deployment declares "
+            f"(TASKSERVICE_QUEUES: {', '.join(declared) or 'none'}; the default queue "
+            f"{self._publisher.default_queue!r} is always allowed)",
+            violations=[("options.queue", "not a declared queue")],
+        )

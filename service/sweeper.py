@@ -1,0 +1,67 @@
+"""The lease sweeper: ends every task whose lease lapsed (LOST, or REVOKED for a
+Start that never confirmed the broker had it), freeing its key. Every server
+runs it every TASKSERVICE_SWEEP_INTERVAL; the script is idempotent, so
+several servers sweeping at once end each task once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from structlog.contextvars import bound_contextvars
+
+from taskservice.core import record
+from taskservice.core.states import STATE_LABELS
+from taskservice.server.records import Records
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """A task the sweeper ended because its lease lapsed."""
+
+    task_id: str
+    task_name: str
+    exclusivity_key: str
+    state: str
+    """Its record state now: LOST, or REVOKED (its Start never confirmed that
+    the broker had it, or a cancel had been asked for)."""
+    error_type: str
+
+
+class Sweeper:
+    """Ending tasks whose lease lapsed."""
+
+    def __init__(self, records: Records) -> None:
+        self._records = records
+
+    async def sweep(self, batch: int = 100) -> list[Expired]:
+        """End every task whose lease lapsed; the tasks ended, each logged
+        and counted."""
+        ended: list[Expired] = []
+        while True:
+            _, seen, *found = await self._records.run(self._records.scripts.sweep(batch))
+            for n in range(0, len(found), 5):
+                expired = Expired(*(str(value) for value in found[n : n + 5]))
+                self._expired(expired)
+                ended.append(expired)
+            if int(seen) < batch:
+                return ended
+
+    def _expired(self, expired: Expired) -> None:
+        self._records.metrics.lease_expiries.inc()
+        context = {"task_id": expired.task_id}
+        if expired.exclusivity_key:
+            context["exclusivity_key"] = expired.exclusivity_key
+        with bound_contextvars(**context):
+            if expired.error_type == record.NOT_ENQUEUED_ERROR:
+                # Never counted as started: the server that accepted it
+                # stopped before the broker confirmed.
+                logger.warning("task given up: its Start never confirmed that the broker had it")
+                return
+            self._records.ended(expired.task_name, expired.state)
+            logger.info(
+                "task ended %s: its lease lapsed (no worker vouched for it)",
+                STATE_LABELS.get(expired.state, expired.state),
+            )
