@@ -17,7 +17,8 @@ gRPC. Hierarchy (code, then reason = the class's `reason`):
       TaskAlreadyRunning     ALREADY_EXISTS      the key is held; metadata task_id = holder
       TaskFinished           FAILED_PRECONDITION cancel of a task that already finished
       Unauthenticated        UNAUTHENTICATED     no valid bearer token (taskservice.server.auth)
-      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission
+      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission, or
+                                                 the method has none (server.auth.METHODS)
       Misconfigured          FAILED_PRECONDITION the server cannot use Redis or the broker as
                                                  configured (credentials, ACL): retrying is
                                                  pointless until an operator fixes it
@@ -118,7 +119,8 @@ class Unauthenticated(TaskServiceError):
 
 
 class PermissionDenied(TaskServiceError):
-    """The token is valid but lacks the permission the method needs."""
+    """The token is valid but lacks the permission the method needs (metadata
+    `permission`), or the method has no permission at all (metadata `method`)."""
 
     code = "PERMISSION_DENIED"
     reason = "PERMISSION_DENIED"
