@@ -15,7 +15,6 @@ conflicts are counted in taskservice.core.metrics.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -58,6 +57,7 @@ from taskservice.core.registry import (
 from taskservice.core.scripts import Call, Request, Scripts, transient
 from taskservice.core.settings import Settings
 from taskservice.core.states import STATE_LABELS, CancelMode, ConflictPolicy, state_name
+from taskservice.server import page_tokens
 from taskservice.server.hub import EventHub, Mailbox, Marker
 from taskservice.server.publisher import Delivery, Publisher, Ticket
 from taskservice.server.redis_link import RedisLink
@@ -750,29 +750,11 @@ def _reused(request: Request | None) -> InvalidArgument:
 
 def _token(score: str, task_id: str, wanted: TaskFilter) -> str:
     """An opaque page token: where the page ended, and for which filter."""
-    raw = json.dumps([score, task_id, wanted.fingerprint()], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return page_tokens.encode(score, task_id, wanted.fingerprint())
 
 
 def _cursor(token: str, wanted: TaskFilter) -> tuple[str, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        score, task_id, fingerprint = json.loads(raw)
-        float(score)
-        if not all(isinstance(part, str) for part in (score, task_id, fingerprint)):
-            raise ValueError(token)
-    except (ValueError, TypeError):
-        raise InvalidArgument(
-            "page_token is not one ListTasks returned; start again with an empty one",
-            violations=[("page_token", "not a token ListTasks returned")],
-        ) from None
-    if fingerprint != wanted.fingerprint():
-        raise InvalidArgument(
-            "page_token belongs to a listing with other filters; pass the same states, "
-            "task_name and exclusivity_key as for the first page",
-            violations=[("page_token", "filters differ from the first page's")],
-        )
-    return score, task_id
+    return page_tokens.decode(token, wanted.fingerprint())
 
 
 def _never_enqueued(rec: TaskRecord) -> bool:
