@@ -1,4 +1,5 @@
-"""Who may call: bearer tokens, each with its permissions.
+"""Who may call: bearer tokens, each with its permissions; a table, each
+method's permission; default deny.
 
 Tokens come from TASKSERVICE_TOKENS (entries separated by ";") or the file
 TASKSERVICE_TOKENS_FILE (one per line; `#` starts a comment). An entry is
@@ -6,8 +7,22 @@ TASKSERVICE_TOKENS_FILE (one per line; `#` starts a comment). An entry is
 `read,start,cancel` (all three if omitted). A caller sends
 `authorization: Bearer <token>` metadata.
 
-Start needs `start`, Cancel `cancel`, every other TaskService method and
-reflection `read`. The health service stays open, so probes need no token.
+METHODS names the permission of every method of every service the server
+serves: Start needs `start`, Cancel `cancel`, every other TaskService method
+and reflection `read`; the health service is OPEN (probes need no token).
+A method not in METHODS is refused with PERMISSION_DENIED, naming it, to
+every caller:
+
+- with tokens, whatever the caller's token (`Tokens.refusal`);
+- without tokens too, where every listed method is open: the guard
+  (taskservice.server.guard) looks each method up when it wraps it, and
+  serves an unlisted one a handler that only refuses (and logs a warning at
+  startup). So a method added to the proto without a line here fails closed
+  at once, in development, rather than once tokens are set in production.
+
+tests/unit/test_auth.py checks that METHODS lists exactly the methods of the
+services the server registers.
+
 Tokens are compared in constant time and never logged or echoed; only an
 entry's name reaches the logs.
 """
@@ -19,6 +34,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from taskservice.core import errors
@@ -27,11 +43,44 @@ from taskservice.core.errors import PermissionDenied, Unauthenticated
 logger = logging.getLogger(__name__)
 
 PERMISSIONS = frozenset({"read", "start", "cancel"})
+"""What a token may be granted."""
 
-_NEEDED = {
-    "/taskservice.v1.TaskService/Start": "start",
-    "/taskservice.v1.TaskService/Cancel": "cancel",
-}
+OPEN = "open"
+"""The permission of a method anyone may call, with or without a token. No
+token can be granted it (it is not in PERMISSIONS)."""
+
+METHODS: Mapping[str, str] = MappingProxyType(
+    {
+        "/taskservice.v1.TaskService/Start": "start",
+        "/taskservice.v1.TaskService/GetStatus": "read",
+        "/taskservice.v1.TaskService/Cancel": "cancel",
+        "/taskservice.v1.TaskService/WatchStatus": "read",
+        "/taskservice.v1.TaskService/ListTaskTypes": "read",
+        "/taskservice.v1.TaskService/ListTasks": "read",
+        # Load balancers and orchestrators probe without credentials.
+        "/grpc.health.v1.Health/Check": OPEN,
+        "/grpc.health.v1.Health/Watch": OPEN,
+        # Reflection describes the API (taskservice.server.reflection).
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "read",
+    }
+)
+"""The permission each method needs (OPEN: none), by its full path
+`/<package>.<Service>/<Method>`. A method not here is refused (see the module)."""
+
+
+def needed(method: str) -> str | None:
+    """The permission `method` needs (OPEN: none); None if it is not in
+    METHODS, and so refused to every caller."""
+    return METHODS.get(method)
+
+
+def unlisted(method: str) -> PermissionDenied:
+    """The refusal of a method that is not in METHODS."""
+    return PermissionDenied(
+        f"{method} has no permission in this server's table, so nobody may call it "
+        "(a server bug: please report it)",
+        method=method,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +126,23 @@ class Tokens:
         self._tokens = tokens
 
     def refusal(self, method: str, metadata: Any) -> errors.TaskServiceError | None:
-        """Why a call of `method` with this metadata may not proceed; None if it may."""
+        """Why a call of `method` (its full path) with this metadata may not
+        proceed; None if it may. An unlisted method never may."""
+        permission = needed(method)
+        if permission is None:
+            return unlisted(method)
+        if permission == OPEN:
+            return None
         token = self._holder(dict(metadata or ()))  # (key, value) pairs
-        needed = _NEEDED.get(method, "read")
         if token is None:
             return Unauthenticated(
                 "missing or unknown bearer token: send `authorization: Bearer <token>`"
             )
-        if needed not in token.permissions:
-            logger.info("token %r may not %s (%s)", token.name, needed, method)
+        if permission not in token.permissions:
+            logger.info("token %r may not %s (%s)", token.name, permission, method)
+            granted = ", ".join(sorted(token.permissions))
             return PermissionDenied(
-                f"this token may not {needed}; it may: {', '.join(sorted(token.permissions))}",
-                permission=needed,
+                f"this token may not {permission}; it may: {granted}", permission=permission
             )
         return None
 

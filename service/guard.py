@@ -3,6 +3,11 @@
 In order: the token check (when tokens are set, see taskservice.server.auth), decoding,
 the drain gate.
 
+- Default deny: a method without a permission in taskservice.server.auth.METHODS
+  is served a handler that only refuses (PERMISSION_DENIED), tokens or not; so
+  is a method of a kind the guard cannot check (client streaming). Both are
+  decided once, when the method is wrapped, and logged as a warning then.
+
 - Decoding: a request that fails to decode (bytes that are not protobuf,
   invalid UTF-8, JSON nested deeper than protobuf's recursion limit) answers
   INVALID_ARGUMENT saying why, instead of gRPC's UNKNOWN "Unexpected
@@ -25,6 +30,7 @@ call. The health service is added unguarded, so probes always get an answer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -34,6 +40,7 @@ from google.protobuf.message import DecodeError
 
 from taskservice.core import errors
 from taskservice.core.metrics import ServerMetrics
+from taskservice.server import auth
 from taskservice.server.auth import Tokens
 from taskservice.server.status import to_status
 
@@ -41,6 +48,8 @@ if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
     Handler = grpc.RpcMethodHandler[Any, Any]
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+logger = logging.getLogger(__name__)
 
 QUIET = 0.1
 """Seconds without a new call after which a draining server stops."""
@@ -163,6 +172,9 @@ class Guard:
         return None
 
     def _wrap(self, method: str, name: str, handler: Handler) -> Handler:
+        if auth.needed(method) is None:
+            logger.warning("%s has no permission in auth.METHODS: every call is refused", method)
+            return self._refuser(name, handler, auth.unlisted(method))
         deserializer = _safe(handler.request_deserializer)
         serializer = _passing_bytes(handler.response_serializer)
         clock = time.perf_counter
@@ -252,7 +264,41 @@ class Guard:
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        # Client streaming: nothing above checks its tokens, so it is not served.
+        logger.warning("%s streams requests, which the guard cannot check: refused", method)
+        return self._refuser(
+            name,
+            handler,
+            errors.PermissionDenied(
+                f"{method} is of a kind this server cannot check, so nobody may call it "
+                "(a server bug: please report it)",
+                method=method,
+            ),
+        )
+
+    def _refuser(self, name: str, handler: Handler, refusal: errors.TaskServiceError) -> Handler:
+        """A handler of `handler`'s kind that answers every call with `refusal`."""
+        status = to_status(refusal)
+        answered = self._metrics.rpc(name, timed=False)
+
+        async def refuse(request: Any, context: Context) -> None:
+            answered(status.code, 0.0)
+            await context.abort_with_status(status)
+
+        kinds = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        )
+        build = next(
+            (build for behaviour, build in kinds if behaviour is not None),
+            grpc.stream_stream_rpc_method_handler,
+        )
+        return build(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _aborted(context: Context) -> grpc.StatusCode:

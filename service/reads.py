@@ -5,9 +5,7 @@ is gone."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ from structlog.contextvars import bind_contextvars
 from taskservice.core import record
 from taskservice.core.errors import InvalidArgument, KeyNotFound, TaskNotFound
 from taskservice.core.record import TaskRecord
+from taskservice.server import page_tokens
 from taskservice.server.records import Records, check_exclusivity_key, parse_task_id
 
 DEFAULT_PAGE_SIZE = 50
@@ -137,26 +136,8 @@ class Reads:
 
 def _token(score: str, task_id: str, wanted: TaskFilter) -> str:
     """An opaque page token: where the page ended, and for which filter."""
-    raw = json.dumps([score, task_id, wanted.fingerprint()], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return page_tokens.encode(score, task_id, wanted.fingerprint())
 
 
 def _cursor(token: str, wanted: TaskFilter) -> tuple[str, str]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        score, task_id, fingerprint = json.loads(raw)
-        float(score)
-        if not all(isinstance(part, str) for part in (score, task_id, fingerprint)):
-            raise ValueError(token)
-    except (ValueError, TypeError):
-        raise InvalidArgument(
-            "page_token is not one ListTasks returned; start again with an empty one",
-            violations=[("page_token", "not a token ListTasks returned")],
-        ) from None
-    if fingerprint != wanted.fingerprint():
-        raise InvalidArgument(
-            "page_token belongs to a listing with other filters; pass the same states, "
-            "task_name and exclusivity_key as for the first page",
-            violations=[("page_token", "filters differ from the first page's")],
-        )
-    return score, task_id
+    return page_tokens.decode(token, wanted.fingerprint())

@@ -26,7 +26,8 @@ gRPC. Hierarchy (code, then reason = the class's `reason`):
           RedisMisconfigured
           BrokerMisconfigured
       Unauthenticated        UNAUTHENTICATED     no valid bearer token (taskservice.server.auth)
-      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission
+      PermissionDenied       PERMISSION_DENIED   the token lacks the method's permission, or
+                                                 the method has none (server.auth.METHODS)
       ResourceExhausted      RESOURCE_EXHAUSTED  retry later, with backoff
         PublishBacklog                           too many Starts are waiting for the broker
         RedisOutOfMemory                         Redis reached its maxmemory
@@ -168,7 +169,8 @@ class Unauthenticated(TaskServiceError):
 
 
 class PermissionDenied(TaskServiceError):
-    """The token is valid but lacks the permission the method needs."""
+    """The token is valid but lacks the permission the method needs (metadata
+    `permission`), or the method has no permission at all (metadata `method`)."""
 
     code = reason = "PERMISSION_DENIED"
 

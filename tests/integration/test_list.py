@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import grpc
 import pytest
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from tests.support.client import finished, start, wait_until
+from tests.support.client import finished, start, violations, wait_until
 
 
 async def listing(stub: pb_grpc.TaskServiceStub, **request: object) -> list[list[str]]:
@@ -103,3 +106,41 @@ async def test_a_page_token_only_continues_its_own_filter(
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "other filters" in (error.value.details() or "")
+
+
+def tampered(token: str, score: str) -> str:
+    """`token` (as page_tokens writes it) with its score replaced, and nothing else."""
+
+    def encoded(parts: list[str]) -> str:
+        text = json.dumps(parts, separators=(",", ":"))
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    parts = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    assert encoded(parts) == token  # so the only difference is the score
+    return encoded([score, *parts[1:]])
+
+
+async def test_page_tokens_the_server_never_wrote_are_invalid_not_internal(
+    stub: pb_grpc.TaskServiceStub, key: str
+) -> None:
+    for _ in range(2):
+        await finished(stub, (await start(stub, "test.echo", 1, key=key)).id)
+    first = await stub.ListTasks(pb.ListTasksRequest(exclusivity_key=key, page_size=1))
+    assert first.next_page_token
+    tokens = {
+        # json.loads of this raised RecursionError: INTERNAL.
+        "nested": base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode(),
+        # float() takes these; Redis then refused them: INTERNAL.
+        **{score: tampered(first.next_page_token, score) for score in ("nan", "NaN", "1_000")},
+        "spaces": tampered(first.next_page_token, " 1 "),
+    }
+    for label, token in tokens.items():
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.ListTasks(pb.ListTasksRequest(exclusivity_key=key, page_token=token))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, label
+        assert violations(error.value) == {"page_token": "not a token ListTasks returned"}
+    # The untouched token still continues.
+    second = await stub.ListTasks(
+        pb.ListTasksRequest(exclusivity_key=key, page_size=1, page_token=first.next_page_token)
+    )
+    assert len(second.tasks) == 1 and second.tasks[0].id != first.tasks[0].id

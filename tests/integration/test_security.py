@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from pydantic import SecretStr
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from taskservice.core.settings import Settings
+from taskservice.server import auth
 from taskservice.server.server import Server, create_server
 from tests.conftest import ROOT
 from tests.support.client import error_info, finished, start_request
@@ -216,3 +218,64 @@ async def test_reflection_can_be_switched_off(tokened: Server) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+class Recording:
+    """A grpc.aio server that notes each method registered on it."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+        self.methods: set[str] = set()
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
+        self.methods.update(f"/{service}/{name}" for name in handlers)
+        self._server.add_registered_method_handlers(service, handlers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+async def test_every_method_the_server_registers_has_a_permission(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Recording] = []
+    real_server = grpc.aio.server
+
+    def server(*args: Any, **kwargs: Any) -> Recording:
+        made.append(Recording(real_server(*args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(grpc.aio, "server", server)
+    running = await serve(settings, reflection=True)
+    await running.stop(0)
+    (recording,) = made
+    assert recording.methods, "no method registered: grpc registers them otherwise now"
+    assert recording.methods <= set(auth.METHODS), recording.methods - set(auth.METHODS)
+
+
+async def test_a_method_whose_permission_is_removed_is_refused(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    method = "/taskservice.v1.TaskService/ListTaskTypes"
+    monkeypatch.setattr(
+        auth, "METHODS", {name: needed for name, needed in auth.METHODS.items() if name != method}
+    )
+    for tokens in (TOKENS, ""):  # default deny holds without tokens too
+        running = await serve(settings, tokens=SecretStr(tokens), reflection=False)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = pb_grpc.TaskServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.ListTaskTypes(
+                        pb.ListTaskTypesRequest(), metadata=bearer("s3cret-admin")
+                    )
+                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert method in (caught.value.details() or "")
+                assert error_info(caught.value).metadata["method"] == method
+                # The methods still listed are served as before.
+                listed = await stub.ListTasks(
+                    pb.ListTasksRequest(page_size=1), metadata=bearer("s3cret-admin")
+                )
+                assert len(listed.tasks) <= 1
+        finally:
+            await running.stop(0)
