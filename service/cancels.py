@@ -16,6 +16,7 @@ from structlog.contextvars import bind_contextvars
 from taskservice.core import record
 from taskservice.core.errors import BrokerUnavailable, TaskFinished, TaskNotFound
 from taskservice.core.record import TaskRecord
+from taskservice.core.scripts import CancelledQueued, Finished, Missing
 from taskservice.core.states import CancelMode, state_name
 from taskservice.server.hub import Mailbox, Marker
 from taskservice.server.publisher import Publisher
@@ -72,13 +73,13 @@ class Cancels:
         # Watch before changing, so the worker's confirmation cannot slip by.
         async with self._watches.hub.watch(task_id) as events:
             call = self._records.scripts.cancel(task_id, mode, when=time.time())
-            status, detail = await self._records.run(call)
-            if status == "missing":
+            answer = await self._records.run(call)
+            if isinstance(answer, Missing):
                 raise TaskNotFound(f"no task {task_id}: its record expired", task_id=task_id)
-            rec = TaskRecord.from_json(detail)
+            rec = answer.record
             if rec.exclusivity_key:
                 bind_contextvars(exclusivity_key=rec.exclusivity_key)
-            if status == "cancelled":
+            if isinstance(answer, CancelledQueued):
                 self._records.ended(rec.name, rec.state)
                 logger.info("task cancelled (%s) while queued: it will not run", mode)
                 # The record already forbids running it (the worker checks);
@@ -86,7 +87,7 @@ class Cancels:
                 # the answer does not wait for the broker.
                 self._in_background(self._broadcast_revoke(task_id))
                 return rec
-            if status == "ended":
+            if isinstance(answer, Finished):
                 if rec.state == record.REVOKED:
                     return rec
                 raise TaskFinished(

@@ -58,13 +58,13 @@ class Reads:
         """The task's record; a task whose lease lapsed is ended LOST first."""
         task_id = parse_task_id(task_id)
         bind_contextvars(task_id=task_id)
-        payload = await self._records.run(self._records.scripts.read(task_id))
-        if payload is None:
+        rec = await self._records.run(self._records.scripts.read(task_id))
+        if rec is None:
             raise TaskNotFound(
                 f"no task {task_id}: it was never started here, or its record expired",
                 task_id=task_id,
             )
-        return TaskRecord.from_json(payload)
+        return rec
 
     async def resolve_key(self, key: str) -> str:
         """The id of the current (else the latest) task under `key`."""
@@ -108,7 +108,7 @@ class Reads:
             name=wanted.task_name,
             active=bool(wanted.states) and wanted.states <= record.ACTIVE_STATES,
         )
-        more, score, last, *found = await self._records.run(
+        found = await self._records.run(
             self._records.scripts.list_page(
                 index,
                 after=after,
@@ -122,15 +122,14 @@ class Reads:
         tasks: list[TaskRecord] = []
         total = 0
         kept = ""
-        for entry_score, payload in zip(found[::2], found[1::2], strict=True):
-            rec = TaskRecord.from_json(payload)
+        for entry_score, rec in found.entries:
             total += size_of(rec)
             if tasks and total > max_bytes:
                 # The response would be too large: the next page starts here.
                 return Page(tasks, _token(kept, tasks[-1].id, wanted))
             tasks.append(rec)
-            kept = str(entry_score)
-        token = _token(str(score), str(last), wanted) if int(more) else ""
+            kept = entry_score
+        token = _token(found.score, found.last_id, wanted) if found.more else ""
         return Page(tasks, token)
 
 

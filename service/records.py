@@ -55,11 +55,11 @@ class Records:
         self.prefix = settings.key_prefix
         self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
 
-    async def run(self, call: Call) -> Any:
-        """Run a script once."""
+    async def run(self, call: Call[T]) -> T:
+        """Run a script once; its typed reply."""
         return await self.link.script(call)
 
-    async def persist(self, call: Call) -> Any:
+    async def persist(self, call: Call[T]) -> T:
         """Run a script, retrying through a Redis restart or failover for up
         to half a lease: long enough to ride out a blip, short enough to end
         well within the provisional lease of a Start."""

@@ -21,13 +21,15 @@ import asyncio
 import collections
 import logging
 import ssl
-from typing import Any
+from typing import Any, TypeVar
 
 import hiredis
 import redis.exceptions
 from redis.connection import parse_url
 
 from taskservice.core.scripts import Call
+
+R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,6 @@ class RedisLink:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
-        self._shas: dict[str, str] = {}
         # Commands issued in one turn of the event loop leave in one write.
         self._outgoing: list[bytes] = []
         self._flushing: _Protocol | None = None
@@ -126,15 +127,16 @@ class RedisLink:
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def script(self, call: Call) -> Any:
-        """Run a script by its SHA, loading it first if Redis does not know it."""
-        sha = self._shas.get(call.script)
-        if sha is None:
-            sha = self._shas[call.script] = str(await self.execute("SCRIPT", "LOAD", call.script))
+    async def script(self, call: Call[R]) -> R:
+        """Run a script by its SHA (sending its source when Redis does not
+        know it: a first call, a Redis restart, a SCRIPT FLUSH); its reply,
+        parsed by the call's own parser."""
+        keys, script = call.keys, call.script
         try:
-            return await self.execute("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-        except redis.exceptions.NoScriptError:  # Redis restarted, or SCRIPT FLUSH
-            return await self.execute("EVAL", call.script, len(call.keys), *call.keys, *call.args)
+            reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *call.args)
+        except redis.exceptions.NoScriptError:
+            reply = await self.execute("EVAL", script.source, len(keys), *keys, *call.args)
+        return call.parse(reply)
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
@@ -210,7 +212,6 @@ class RedisLink:
         except redis.exceptions.RedisError:
             self.close()
             raise
-        self._shas.clear()  # a new server (a restart) may not know them
         return protocol
 
     def _answer(self, protocol: _Protocol, reply: Any) -> None:

@@ -44,7 +44,7 @@ from taskservice.core.registry import (
     TaskType,
     signature_text,
 )
-from taskservice.core.scripts import Request
+from taskservice.core.scripts import Held, Missing, Moved, Repeat, Request, Reused
 from taskservice.core.states import ConflictPolicy
 from taskservice.server.publisher import Delivery, Publisher, Ticket
 from taskservice.server.reads import Reads
@@ -176,7 +176,7 @@ class Starts:
             push=push,
         )
         try:
-            status, detail = await self._records.run(claim)
+            claimed = await self._records.run(claim)
         except (redis.exceptions.RedisError, OSError):
             # The claim may have been written before the connection failed:
             # give the key back now rather than after the provisional lease,
@@ -186,15 +186,15 @@ class Starts:
                     self._records.scripts.abandon(task_id, "never enqueued: Redis failed")
                 )
             raise
-        if status == "repeat":
-            earlier = await self._settled(str(detail))
+        if isinstance(claimed, Repeat):
+            earlier = await self._settled(claimed.task_id)
             if earlier is None:  # that Start failed after all: this one runs anew
                 return await self._start(cmd, task_type, answer_by, request)
             return Started(earlier, already_existed=False)
-        if status == "reused":
+        if isinstance(claimed, Reused):
             raise reused(request)
-        if status == "held":
-            holder = TaskRecord.from_json(detail)
+        if isinstance(claimed, Held):
+            holder = claimed.holder
             if cmd.conflict_policy is ConflictPolicy.RETURN_EXISTING:
                 self._records.metrics.conflicts.labels(cmd.task_name, "return_existing").inc()
                 return Started(holder, already_existed=True)
@@ -220,10 +220,10 @@ class Starts:
             return Started(accepted, already_existed=False)
         # The broker has the message: a worker may run it any moment, so this
         # Start must not answer an error because Redis blinked now.
-        status, detail = await self._records.persist(self._records.scripts.confirm(task_id))
-        if status == "missing":
+        confirmed = await self._records.persist(self._records.scripts.confirm(task_id))
+        if isinstance(confirmed, Missing):
             raise RedisUnavailable(f"the record of task {task_id} vanished: did Redis lose data?")
-        if status == "moved" and never_enqueued(TaskRecord.from_json(detail)):
+        if isinstance(confirmed, Moved) and never_enqueued(confirmed.record):
             raise BrokerUnavailable(
                 f"the broker took task {task_id} too late: it was given up and will not run; retry"
             )
@@ -261,13 +261,11 @@ class Starts:
         back. False if a worker has the task after all (the Start succeeded)."""
         message = f"never enqueued: {str(error)[:200] or type(error).__name__}"
         try:
-            status, detail = await self._records.persist(
-                self._records.scripts.abandon(task_id, message)
-            )
+            abandoned = await self._records.persist(self._records.scripts.abandon(task_id, message))
         except (redis.exceptions.RedisError, OSError):
             logger.warning("could not abandon task %s; its provisional lease will", task_id)
             return True
-        if status == "moved" and not never_enqueued(TaskRecord.from_json(detail)):
+        if isinstance(abandoned, Moved) and not never_enqueued(abandoned.record):
             logger.info("task %s reached a worker although its publish reported %r", task_id, error)
             return False
         logger.warning("Start gave its task up: %s", message)

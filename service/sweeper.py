@@ -6,28 +6,15 @@ several servers sweeping at once end each task once."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from structlog.contextvars import bound_contextvars
 
 from taskservice.core import record
+from taskservice.core.scripts import Expired
 from taskservice.core.states import STATE_LABELS
 from taskservice.server.records import Records
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Expired:
-    """A task the sweeper ended because its lease lapsed."""
-
-    task_id: str
-    task_name: str
-    exclusivity_key: str
-    state: str
-    """Its record state now: LOST, or REVOKED (its Start never confirmed that
-    the broker had it, or a cancel had been asked for)."""
-    error_type: str
 
 
 class Sweeper:
@@ -41,12 +28,11 @@ class Sweeper:
         and counted."""
         ended: list[Expired] = []
         while True:
-            _, seen, *found = await self._records.run(self._records.scripts.sweep(batch))
-            for n in range(0, len(found), 5):
-                expired = Expired(*(str(value) for value in found[n : n + 5]))
+            swept = await self._records.run(self._records.scripts.sweep(batch))
+            for expired in swept.expired:
                 self._expired(expired)
                 ended.append(expired)
-            if int(seen) < batch:
+            if swept.seen < batch:
                 return ended
 
     def _expired(self, expired: Expired) -> None:

@@ -3,13 +3,12 @@ shared by the task hooks (taskservice.worker.signals) and the heartbeat."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import kombu.exceptions
 import redis
@@ -21,7 +20,17 @@ from structlog.contextvars import bind_contextvars, bound_contextvars
 
 from taskservice import apps
 from taskservice.core import record
-from taskservice.core.scripts import Call, Scripts, transient
+from taskservice.core.scripts import (
+    Began,
+    Call,
+    Changed,
+    Missing,
+    Over,
+    Rejected,
+    RunningElsewhere,
+    Scripts,
+    transient,
+)
 from taskservice.core.settings import Settings
 from taskservice.worker import metrics
 
@@ -30,6 +39,8 @@ logger = logging.getLogger(__name__)
 TRACKED = "taskservice_tracked"
 """The attribute a tracked app carries; the name cannot clash with a team's own."""
 _REPORTER = "taskservice_reporter"
+
+R = TypeVar("R")
 
 
 class Reporter:
@@ -51,17 +62,18 @@ class Reporter:
         )
         self._loaded: dict[str, Script] = {}
 
-    def run(self, call: Call, *, retry_for: float | None = None) -> Any:
+    def run(self, call: Call[R], *, retry_for: float | None = None) -> R:
         """Run a script, retrying while Redis is unreachable (for at most
         `retry_for` seconds, by default `worker_write_retry`)."""
         deadline = time.monotonic() + (self._retry_for if retry_for is None else retry_for)
         delay = 0.05
         while True:
             try:
-                script = self._loaded.get(call.script)
+                script = self._loaded.get(call.script.name)
                 if script is None:
-                    script = self._loaded[call.script] = self._client.register_script(call.script)
-                return script(keys=call.keys, args=call.args)
+                    script = self._client.register_script(call.script.source)
+                    self._loaded[call.script.name] = script
+                return call.parse(script(keys=call.keys, args=call.args))
             except redis.exceptions.RedisError as exc:
                 if not transient(exc) or time.monotonic() + delay > deadline:
                     raise
@@ -72,22 +84,19 @@ class Reporter:
     def begin(self, task_id: str, worker: str) -> bool:
         """Mark the task STARTED by this execution; False if it must not run."""
         run = f"{worker}/{uuid.uuid4().hex}"
-        status, detail = self.run(
-            self.scripts.start(
-                task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
-            )
+        call = self.scripts.start(
+            task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
         )
-        if status == "ended":
-            logger.info("task %s already ended (%s); not running it", task_id, detail)
-            return False
-        if status == "running":
-            logger.warning("task %s is running on %s; not running it twice", task_id, detail)
-            return False
-        if status == "started":
-            key = json.loads(detail).get("key")
-            if key:
-                bind_contextvars(exclusivity_key=key)
-        # "missing": sent to this app by something other than taskservice.
+        match self.run(call):
+            case Over(state):
+                logger.info("task %s already ended (%s); not running it", task_id, state)
+                return False
+            case RunningElsewhere(other):
+                logger.warning("task %s is running on %s; not running it twice", task_id, other)
+                return False
+            case Began(rec) if rec.exclusivity_key:
+                bind_contextvars(exclusivity_key=rec.exclusivity_key)
+        # Missing: sent to this app by something other than taskservice.
         return True
 
     def transition(
@@ -96,10 +105,9 @@ class Reporter:
         allowed: Iterable[str],
         new_state: str = "",
         fields: dict[str, str] | None = None,
-    ) -> str:
-        """Apply a change; "ok", "rejected" (not in an allowed state) or "missing"."""
-        status, _ = self.run(self.scripts.transition(task_id, allowed, new_state, fields))
-        return str(status)
+    ) -> Changed | Rejected | Missing:
+        """Apply a change to a task in one of the `allowed` states."""
+        return self.run(self.scripts.transition(task_id, allowed, new_state, fields))
 
     def finish(self, task_id: str, new_state: str, fields: dict[str, str]) -> str:
         """End the task in `new_state` (REVOKED if a cancel was asked for);
@@ -108,13 +116,12 @@ class Reporter:
         fields = {"finished": repr(time.time()), **fields}
         with bound_contextvars(task_id=task_id):
             call = self.scripts.transition(task_id, record.ACTIVE_STATES, new_state, fields)
-            status, detail = self.run(call)
-            if status != "ok":
+            changed = self.run(call)
+            if not isinstance(changed, Changed):
                 logger.debug("task %s already ended; %s not recorded", task_id, new_state)
                 return ""
-        ended = json.loads(detail)
-        metrics.ended(ended.get("name", ""), ended["state"])
-        return str(ended["state"])
+        metrics.ended(changed.record.name, changed.record.state)
+        return changed.record.state
 
     def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> str:
         # Bounded, like results: every change is published whole to every server.

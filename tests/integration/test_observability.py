@@ -275,7 +275,7 @@ async def test_a_lapsed_lease_is_counted_and_logged_with_its_task(
     )
     client = redis.Redis(port=redis_server.port, decode_responses=True)
     try:
-        script = client.register_script(call.script)
+        script = client.register_script(call.script.source)
         assert script(keys=call.keys, args=call.args)[0] == "started"
     finally:
         client.close()

@@ -245,7 +245,7 @@ async def test_a_stored_result_no_client_could_read_is_reported_not_internal(
         change = Scripts(settings.key_prefix, settings.record_ttl).transition(
             task.id, {record.SUCCESS}, "", {"result": deep}
         )
-        await client.register_script(change.script)(keys=change.keys, args=change.args)
+        await client.register_script(change.script.source)(keys=change.keys, args=change.args)
     finally:
         await client.aclose()
     status = (await stub.GetStatus(pb.GetStatusRequest(task_id=task.id))).task

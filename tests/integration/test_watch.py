@@ -136,7 +136,7 @@ async def test_a_watch_hears_a_change_made_while_its_server_was_not_subscribed(
         change = Scripts(settings.key_prefix, settings.record_ttl).transition(
             task.id, {"STARTED"}, "", {"progress": '{"message": "during the gap"}'}
         )
-        await client.register_script(change.script)(keys=change.keys, args=change.args)
+        await client.register_script(change.script.source)(keys=change.keys, args=change.args)
     finally:
         await client.aclose()
     # The server resubscribes and re-reads the task: the change arrives now,

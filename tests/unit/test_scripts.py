@@ -5,16 +5,38 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import redis
 
 from taskservice.cli.embedded import EmbeddedRedis
 from taskservice.core import record
+from taskservice.core import scripts as scripts_module
 from taskservice.core.record import TaskRecord
-from taskservice.core.scripts import Call, Scripts
+from taskservice.core.scripts import (
+    NAMES,
+    Abandoned,
+    Began,
+    Call,
+    CancelledQueued,
+    CancelRequested,
+    Changed,
+    Claimed,
+    Confirmed,
+    Finished,
+    Held,
+    Missing,
+    Moved,
+    Over,
+    Rejected,
+    RunningElsewhere,
+    Scripts,
+    script,
+)
 
+R = TypeVar("R")
 LONG = 60_000  # a lease (ms) that does not lapse during a test
 LAPSED = 0  # a lease that has lapsed by the time anything reads it
 
@@ -27,28 +49,29 @@ class Store:
         self.prefix = f"scripts-{uuid.uuid4().hex[:8]}"
         self.scripts = Scripts(self.prefix, 600)
 
-    def run(self, call: Call) -> Any:
-        return self.client.register_script(call.script)(keys=call.keys, args=call.args)
+    def run(self, call: Call[R]) -> R:
+        return call.parse(self.raw(call))
+
+    def raw(self, call: Call[Any]) -> Any:
+        return self.client.register_script(call.script.source)(keys=call.keys, args=call.args)
 
     def new(self, key: str = "", *, lease_ms: int = LONG, confirm: bool = True) -> str:
         task_id = str(uuid.uuid4())
         fields = record.new_record_fields(
             task_id, "t", exclusivity_key=key, queue="q", scheduled=None
         )
-        status, _ = self.run(
-            self.scripts.claim(fields, exclusivity_key=key, provisional_ms=lease_ms)
-        )
-        assert status == "ok"
+        claimed = self.run(self.scripts.claim(fields, exclusivity_key=key, provisional_ms=lease_ms))
+        assert claimed == Claimed()
         if confirm:
-            assert self.run(self.scripts.confirm(task_id))[0] == "ok"
+            assert self.run(self.scripts.confirm(task_id)) == Confirmed()
         return task_id
 
     def started(self, key: str = "", *, lease_ms: int = LONG, worker: str = "w1") -> str:
         task_id = self.new(key)
-        status, _ = self.run(
+        began = self.run(
             self.scripts.start(task_id, worker=worker, run="r1", lease_ms=lease_ms, when=1.0)
         )
-        assert status == "started"
+        assert isinstance(began, Began)
         return task_id
 
     def rec(self, task_id: str) -> TaskRecord:
@@ -90,9 +113,8 @@ def test_claim_of_a_free_key_records_the_task_as_holder_with_a_provisional_lease
 def test_claim_of_a_held_key_writes_nothing_and_names_the_holder(store: Store) -> None:
     holder = store.new("k")
     fields = record.new_record_fields("x-1", "t", exclusivity_key="k", queue="q", scheduled=None)
-    status, detail = store.run(store.scripts.claim(fields, exclusivity_key="k", provisional_ms=1))
-    assert status == "held"
-    assert TaskRecord.from_json(detail).id == holder
+    held = store.run(store.scripts.claim(fields, exclusivity_key="k", provisional_ms=1))
+    assert isinstance(held, Held) and held.holder.id == holder
     assert not store.client.exists(record.task_key(store.prefix, "x-1"))
     assert store.holder("k") == holder
 
@@ -100,8 +122,8 @@ def test_claim_of_a_held_key_writes_nothing_and_names_the_holder(store: Store) -
 def test_a_claim_sent_twice_is_applied_once(store: Store) -> None:
     fields = record.new_record_fields("t-1", "t", exclusivity_key="k", queue="q", scheduled=None)
     call = store.scripts.claim(fields, exclusivity_key="k", provisional_ms=LONG)
-    assert store.run(call) == ["ok", ""]
-    assert store.run(call) == ["ok", ""]  # a retry after a dropped connection
+    assert store.run(call) == Claimed()
+    assert store.run(call) == Claimed()  # a retry after a dropped connection
     assert store.holder("k") == "t-1"
 
 
@@ -135,9 +157,8 @@ def test_confirm_drops_the_provisional_lease(store: Store) -> None:
 def test_confirm_after_a_worker_started_the_task_changes_nothing(store: Store) -> None:
     task_id = store.new(confirm=False)
     store.run(store.scripts.start(task_id, worker="w", run="r", lease_ms=LONG, when=1.0))
-    status, detail = store.run(store.scripts.confirm(task_id))
-    assert status == "moved"
-    assert TaskRecord.from_json(detail).state == record.STARTED
+    moved = store.run(store.scripts.confirm(task_id))
+    assert isinstance(moved, Moved) and moved.record.state == record.STARTED
     assert store.lease(task_id) is not None  # the worker's lease stays
 
 
@@ -145,9 +166,9 @@ def test_abandon_gives_the_key_back_to_the_previous_holder(store: Store) -> None
     first = store.new("k")
     store.run(store.scripts.transition(first, record.ACTIVE_STATES, record.SUCCESS))
     second = store.new("k", confirm=False)
-    status, detail = store.run(store.scripts.abandon(second, "never enqueued: broker down"))
-    assert status == "abandoned"
-    ended = TaskRecord.from_json(detail)
+    abandoned = store.run(store.scripts.abandon(second, "never enqueued: broker down"))
+    assert isinstance(abandoned, Abandoned)
+    ended = abandoned.record
     assert ended.state == record.REVOKED
     assert ended.error is not None and ended.error.type == record.NOT_ENQUEUED_ERROR
     assert store.holder("k") == first
@@ -164,17 +185,15 @@ def test_abandon_never_takes_a_key_from_a_newer_holder(store: Store) -> None:
     stale = store.new("k", lease_ms=LAPSED, confirm=False)
     newer = store.new("k")  # the stale claim lapsed: ended and replaced
     assert store.holder("k") == newer
-    status, detail = store.run(store.scripts.abandon(stale, "late"))
-    assert status == "moved"
-    assert TaskRecord.from_json(detail).state == record.REVOKED
+    moved = store.run(store.scripts.abandon(stale, "late"))
+    assert isinstance(moved, Moved) and moved.record.state == record.REVOKED
     assert store.holder("k") == newer
 
 
 def test_abandon_after_a_worker_started_the_task_keeps_it(store: Store) -> None:
     task_id = store.new("k", confirm=False)
     store.run(store.scripts.start(task_id, worker="w", run="r", lease_ms=LONG, when=1.0))
-    status, _ = store.run(store.scripts.abandon(task_id, "slow broker"))
-    assert status == "moved"
+    assert isinstance(store.run(store.scripts.abandon(task_id, "slow broker")), Moved)
     assert store.rec(task_id).state == record.STARTED
     assert store.holder("k") == task_id
 
@@ -185,18 +204,18 @@ def test_abandon_after_a_worker_started_the_task_keeps_it(store: Store) -> None:
 def test_start_is_idempotent_for_its_own_run_and_refuses_another(store: Store) -> None:
     task_id = store.new()
     call = store.scripts.start(task_id, worker="w", run="r1", lease_ms=LONG, when=1.0)
-    assert store.run(call)[0] == "started"
+    assert isinstance(store.run(call), Began)
     sequence = store.rec(task_id).sequence
-    assert store.run(call)[0] == "started"  # a retried write of the same run
+    assert isinstance(store.run(call), Began)  # a retried write of the same run
     assert store.rec(task_id).sequence == sequence
     other = store.scripts.start(task_id, worker="w2", run="r2", lease_ms=LONG, when=1.0)
-    assert store.run(other) == ["running", "w"]
+    assert store.run(other) == RunningElsewhere("w")
 
 
 def test_start_of_a_task_whose_running_lease_lapsed_ends_it_lost(store: Store) -> None:
     task_id = store.started(lease_ms=LAPSED)
     other = store.scripts.start(task_id, worker="w2", run="r2", lease_ms=LONG, when=1.0)
-    assert store.run(other) == ["ended", record.LOST]
+    assert store.run(other) == Over(record.LOST)
 
 
 @pytest.mark.parametrize("end", [record.SUCCESS, record.FAILURE, record.REVOKED, record.LOST])
@@ -204,12 +223,12 @@ def test_start_of_an_ended_task_is_refused(store: Store, end: str) -> None:
     task_id = store.started()
     store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, end))
     again = store.scripts.start(task_id, worker="w", run="r9", lease_ms=LONG, when=1.0)
-    assert store.run(again) == ["ended", end]
+    assert store.run(again) == Over(end)
 
 
 def test_start_of_an_unknown_task_says_missing(store: Store) -> None:
     call = store.scripts.start("nope", worker="w", run="r", lease_ms=LONG, when=1.0)
-    assert store.run(call)[0] == "missing"
+    assert store.run(call) == Missing()
 
 
 # -- transition and cancel ---------------------------------------------------
@@ -217,8 +236,8 @@ def test_start_of_an_unknown_task_says_missing(store: Store) -> None:
 
 def test_transition_refuses_a_state_it_does_not_allow(store: Store) -> None:
     task_id = store.new()
-    status, detail = store.run(store.scripts.transition(task_id, {record.STARTED}, "", {"a": "b"}))
-    assert (status, detail) == ("rejected", record.PENDING)
+    rejected = store.run(store.scripts.transition(task_id, {record.STARTED}, "", {"a": "b"}))
+    assert rejected == Rejected(record.PENDING)
     assert store.rec(task_id).sequence == 1
 
 
@@ -239,9 +258,8 @@ def test_an_outcome_ends_the_lease_and_publishes_the_record(store: Store) -> Non
 
 def test_cancel_ends_a_queued_task_at_once(store: Store) -> None:
     task_id = store.new("k")
-    status, detail = store.run(store.scripts.cancel(task_id, "GRACEFUL", when=2.0))
-    assert status == "cancelled"
-    assert TaskRecord.from_json(detail).state == record.REVOKED
+    cancelled = store.run(store.scripts.cancel(task_id, "GRACEFUL", when=2.0))
+    assert isinstance(cancelled, CancelledQueued) and cancelled.record.state == record.REVOKED
 
 
 def test_cancel_escalates_and_never_softens(store: Store) -> None:
@@ -252,9 +270,8 @@ def test_cancel_escalates_and_never_softens(store: Store) -> None:
         ("TERMINATE", "KILL"),
         ("GRACEFUL", "KILL"),
     ]:
-        status, detail = store.run(store.scripts.cancel(task_id, mode, when=2.0))
-        assert status == "requested"
-        assert TaskRecord.from_json(detail).cancel == expected
+        requested = store.run(store.scripts.cancel(task_id, mode, when=2.0))
+        assert isinstance(requested, CancelRequested) and requested.record.cancel == expected
 
 
 def test_a_task_whose_cancel_was_requested_ends_cancelled_keeping_its_result(
@@ -272,7 +289,7 @@ def test_a_task_whose_cancel_was_requested_ends_cancelled_keeping_its_result(
 def test_cancel_of_a_finished_task_says_ended(store: Store) -> None:
     task_id = store.started()
     store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, record.FAILURE))
-    assert store.run(store.scripts.cancel(task_id, "KILL", when=2.0))[0] == "ended"
+    assert isinstance(store.run(store.scripts.cancel(task_id, "KILL", when=2.0)), Finished)
 
 
 # -- leases: read, renew, release, sweep -------------------------------------
@@ -280,14 +297,15 @@ def test_cancel_of_a_finished_task_says_ended(store: Store) -> None:
 
 def test_read_ends_a_task_whose_lease_lapsed(store: Store) -> None:
     task_id = store.started(lease_ms=LAPSED)
-    assert TaskRecord.from_json(store.run(store.scripts.read(task_id))).state == record.LOST
+    read = store.run(store.scripts.read(task_id))
+    assert read is not None and read.state == record.LOST
     assert store.run(store.scripts.read("nope")) is None
 
 
 def test_a_claim_never_confirmed_ends_not_enqueued_when_its_lease_lapses(store: Store) -> None:
     task_id = store.new("k", lease_ms=LAPSED, confirm=False)
-    ended = TaskRecord.from_json(store.run(store.scripts.read(task_id)))
-    assert ended.state == record.REVOKED
+    ended = store.run(store.scripts.read(task_id))
+    assert ended is not None and ended.state == record.REVOKED
     assert ended.error is not None and ended.error.type == record.NOT_ENQUEUED_ERROR
     assert store.holder("k") is None
 
@@ -323,18 +341,19 @@ def test_sweep_ends_each_lapsed_task_once(store: Store) -> None:
     lapsed += [store.started(lease_ms=LAPSED) for _ in range(2)]
     alive = store.started()
     first = store.run(store.scripts.sweep(2))
-    assert first[:2] == [2, 2]  # bounded batch
+    assert (first.seen, len(first.expired)) == (2, 2)  # bounded batch
     second = store.run(store.scripts.sweep(100))
-    assert second[:2] == [1, 1]
-    assert store.run(store.scripts.sweep(100)) == [0, 0]  # a second sweeper finds nothing
+    assert (second.seen, len(second.expired)) == (1, 1)
+    third = store.run(store.scripts.sweep(100))
+    assert (third.seen, third.expired) == (0, [])  # a second sweeper finds nothing
     assert {store.rec(t).state for t in lapsed} == {record.LOST}
     # Each end is reported: id, name, key, state, error type.
-    ends = [first[2 + 5 * n : 7 + 5 * n] for n in range(2)] + [second[2:]]
-    assert sorted(end[0] for end in ends) == sorted(lapsed)
-    assert {(end[1], end[3], end[4]) for end in ends} == {
+    ends = first.expired + second.expired
+    assert sorted(end.task_id for end in ends) == sorted(lapsed)
+    assert {(end.task_name, end.state, end.error_type) for end in ends} == {
         ("t", record.LOST, record.WORKER_LOST_ERROR)
     }
-    assert sorted(end[2] for end in ends) == ["", "", "swept"]
+    assert sorted(end.exclusivity_key for end in ends) == ["", "", "swept"]
     assert store.rec(alive).state == record.STARTED
 
 
@@ -342,11 +361,11 @@ def test_sweep_ends_each_lapsed_task_once(store: Store) -> None:
 
 
 def page(store: Store, index: str, after: tuple[str, str] | None = None, **kw: Any) -> Any:
-    more, score, last, *found = store.run(
+    found = store.run(
         store.scripts.list_page(index, after=after, size=kw.pop("size", 2), budget=100, **kw)
     )
-    ids = [json.loads(payload)["id"] for payload in found[1::2]]
-    return int(more), (str(score), str(last)), ids
+    ids = [rec.id for _, rec in found.entries]
+    return found.more, (found.score, found.last_id), ids
 
 
 def test_list_pages_newest_first_without_repeats(store: Store) -> None:
@@ -369,7 +388,7 @@ def test_list_filters_by_state_name_and_key_and_drops_ended_from_active(store: S
     queued = store.new("k1")
     running = store.started("k2")
     ended = store.new()
-    assert store.run(store.scripts.cancel(ended, "KILL", when=1.0))[0] == "cancelled"
+    assert isinstance(store.run(store.scripts.cancel(ended, "KILL", when=1.0)), CancelledQueued)
     active = record.index_key(store.prefix, active=True)
     _, _, ids = page(store, active, size=10, states={"STARTED"})
     assert ids == [running]
@@ -387,9 +406,34 @@ def test_list_looks_at_most_budget_entries_and_prunes_expired_records(store: Sto
         store.client.delete(record.task_key(store.prefix, task_id))
     index = record.index_key(store.prefix)
     call = store.scripts.list_page(index, after=None, size=50, budget=10)
-    more, _, _, *found = store.run(call)
-    assert int(more) == 1 and len(found) <= 2 * 10  # stopped at the budget
+    found = store.run(call)
+    assert found.more and len(found.entries) <= 10  # stopped at the budget
     assert store.client.zcard(index) < 30  # what it met without a record is gone
-    while int(more):
-        more, *_ = store.run(call)
+    while found.more:
+        found = store.run(call)
     assert store.client.zcard(index) == 5
+
+
+# -- the scripts themselves --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_script_loads_into_a_real_redis_under_its_sha(store: Store, name: str) -> None:
+    loaded = script(name)
+    assert store.client.script_load(loaded.source) == loaded.sha
+
+
+def test_every_lua_file_is_a_script() -> None:
+    folder = Path(scripts_module.__file__).parent / "lua"
+    files = {path.stem for path in folder.glob("*.lua")}
+    assert files == {*NAMES, "prelude"}
+
+
+def test_a_changed_transition_reports_the_record_it_wrote(store: Store) -> None:
+    task_id = store.started("k")
+    changed = store.run(
+        store.scripts.transition(task_id, {record.STARTED}, "", {"progress": '{"current": 1}'})
+    )
+    assert isinstance(changed, Changed)
+    assert changed.record.id == task_id and changed.record.exclusivity_key == "k"
+    assert changed.record.sequence == store.rec(task_id).sequence

@@ -1,3 +1,9 @@
+-- Shared by every script (taskservice/core/scripts.py runs it first): the
+-- deployment's key names, the states, and what each transition does. ARGV[1]
+-- is the key prefix and ARGV[2] the record TTL (seconds) in every script.
+-- A script uses some of these and not others: luacheck is told not to report
+-- the ones a script leaves unused.
+-- luacheck: push ignore 211
 local PREFIX = ARGV[1]
 local TTL = tonumber(ARGV[2])
 local LEASES = PREFIX .. ':leases'
@@ -123,3 +129,4 @@ local function current(rkey, id, now)
   end
   return state
 end
+-- luacheck: pop
