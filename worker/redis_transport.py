@@ -5,11 +5,15 @@ unacknowledged messages (prefetched, or waiting for a countdown) can die on
 reconnect: `Unrecoverable error: AttributeError("'NoneType' object has no
 attribute 'hostname'")`. The consumer's reconnect first calls
 `Connection.collect()`: the consuming channel fails to close (its pending
-BRPOP read fails, Redis being down), and `collect()` then detaches the
-transport (`transport.client = None`). Celery then closes the same channel
-again, which now tries to put its unacknowledged messages back through a
-new connection pool, built from `transport.client.hostname`: the
+BRPOP read fails, Redis being down; the transport's `close_connection`
+would try again, but the control mailbox's channel, which it closes first,
+fails too), and `collect()` then detaches the transport
+(`transport.client = None`). Celery then closes the same channel again,
+which now tries to put its unacknowledged messages back through a new
+connection pool, built from `transport.client.hostname`: the
 AttributeError escapes Celery's reconnect handler and stops the worker.
+tests/unit/test_redis_transport.py plays this against kombu's transport
+and this one; pyproject.toml caps kombu below its next minor for it.
 
 This transport (selected by `broker_transport` in `taskservice.worker.app`) fixes both
 halves:
