@@ -2,7 +2,10 @@
 
 When the broker is the Redis that holds the task records, a Start pushes
 its message in its claim script (`message` builds it exactly as kombu's
-Redis transport would), so it costs one Redis round trip and no thread.
+Redis transport would), so it costs one Redis round trip and no thread; but
+only where kombu would push that very message onto the plain list named
+after the queue (see `push`): a global key prefix, a priority list or an
+exchange's bindings send it elsewhere, so those Starts publish through kombu.
 Otherwise Celery publishes: its calls block, so they run in thread pools,
 one for task messages and one for revokes, so that a stalled broker delaying
 publishes never delays a Cancel. Every wait is bounded: the broker's sockets
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import concurrent.futures
 import contextlib
 import functools
@@ -26,7 +30,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Celery
+from celery.app.routes import MapRoute
 from celery.utils.nodenames import anon_nodename
+from kombu import Queue
+from kombu.transport.redis import PRIORITY_STEPS
 from kombu.utils.json import dumps as json_dumps
 
 from taskservice import apps
@@ -43,6 +50,10 @@ _REPR.maxstring = _REPR.maxother = 200
 _REPR.maxlong = 100
 CONTROL_THREADS = 2
 
+# What a route may say for a message to still go where `message` says: kombu
+# applies anything else (an exchange, a routing key, a serializer...) itself.
+_PLAIN_ROUTE = frozenset({"queue", "priority"})
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -56,6 +67,10 @@ class Delivery:
     countdown: float | None
     time_limit: float | None
     soft_time_limit: float | None
+    priority: int | None = None
+    """The task's own priority (its `priority` option, else the app's
+    task_default_priority); None leaves it to the app's routes, as with
+    `apply_async`."""
 
 
 class Ticket:
@@ -106,10 +121,73 @@ class Publisher:
         queue = route.get("queue")
         return str(getattr(queue, "name", None) or self._default_queue)
 
-    def message(self, delivery: Delivery) -> str:
+    def push(self, delivery: Delivery) -> tuple[str, str] | None:
+        """The (list, message) a Start pushes with its claim: the message kombu
+        would send for `delivery`, on the list kombu would put it on. None when
+        only kombu can deliver it: publish it with `send`."""
+        if not self.direct:
+            return None
+        priority = self._plain_priority(delivery.task_name, delivery.queue, delivery.priority)
+        if priority is None:
+            return None
+        return delivery.queue, self.message(delivery, priority=priority)
+
+    def pushes(self, task_name: str, queue: str, priority: int | None) -> bool:
+        """Whether `push` has a message for a Start of `task_name` on `queue`
+        ('' for the task's routed queue) with the task's `priority`."""
+        queue = queue or self.queue_for(task_name)
+        return self.direct and self._plain_priority(task_name, queue, priority) is not None
+
+    # Few entries (task names x queues), but callers may name queues by a pattern.
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 (one publisher per server)
+    def _plain_priority(self, task_name: str, queue: str, priority: int | None) -> int | None:
+        """The priority kombu writes on the message when it LPUSHes it on the
+        list named `queue` itself; None if it would put it anywhere else.
+
+        Mirrors Celery's send_task and kombu's Redis transport: Celery routes
+        a message by queue name (kombu's nameless exchange, routing key = the
+        queue's name) unless a route names an exchange or routing key, or the
+        queue's exchange is not a direct one; kombu's Redis transport then
+        pushes it on `global_keyprefix` + queue, + a priority step unless the
+        message's priority maps to step 0.
+        """
+        conf = self._app.conf
+        transport = conf.broker_transport_options or {}
+        if transport.get("global_keyprefix") or conf.task_compression:
+            return None
+        router = self._app.amqp.router
+        routes = router.routes  # type: ignore[attr-defined]  # not in celery-types
+        if not all(isinstance(route, MapRoute) for route in routes):
+            return None  # a router function may route by the arguments
+        try:
+            routed = router.route({"queue": queue, "priority": priority}, task_name)
+        except KeyError:  # QueueNotFound: kombu's path reports it
+            return None
+        target = routed.get("queue")
+        if any(v is not None for k, v in routed.items() if k not in _PLAIN_ROUTE):
+            return None  # an exchange, routing key or other option of a route
+        if not isinstance(target, Queue) or target.name != queue:
+            return None
+        if getattr(target.exchange, "type", "direct") != "direct":
+            return None  # fanout or topic: delivered through the exchange's bindings
+        expires = target.expires  # type: ignore[attr-defined]  # not in kombu's stubs
+        if expires is not None or "x-expires" in (target.queue_arguments or {}):
+            return None  # kombu also sets the expiry of the queue's lists
+        # kombu writes `priority or 0` in the message, and picks the list by
+        # that number clamped to 0..9: the plain list is the step that is 0.
+        written = routed.get("priority") or 0
+        if not isinstance(written, int) or isinstance(written, bool):
+            return None  # whatever kombu makes of it, it is not ours to guess
+        steps = transport.get("priority_steps") or PRIORITY_STEPS
+        if steps[bisect.bisect(steps, max(min(written, 9), 0)) - 1]:
+            return None  # kombu pushes it on queue + sep + step
+        return written
+
+    def message(self, delivery: Delivery, *, priority: int = 0) -> str:
         """A task message as kombu's Redis transport pushes it on the list
         named `queue`: Celery's own headers and body (protocol 2), in kombu's
-        envelope, routed by queue name so that a redelivery finds it too."""
+        envelope, routed by queue name so that a redelivery finds it too.
+        `priority` is what kombu writes in it (see `push`)."""
         message = self._app.amqp.create_task_message(
             delivery.task_id,
             delivery.task_name,
@@ -131,7 +209,7 @@ class Publisher:
             **message.properties,
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": delivery.queue},
-            "priority": 0,
+            "priority": priority,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
         }
@@ -178,6 +256,8 @@ class Publisher:
             # Celery takes float seconds here; its stubs say int.
             time_limit=delivery.time_limit,  # type: ignore[arg-type]
             soft_time_limit=delivery.soft_time_limit,  # type: ignore[arg-type]
+            # As apply_async does; None leaves the routes' priority.
+            priority=delivery.priority,
         )
         loop = asyncio.get_running_loop()
         release = ticket.hand_over()

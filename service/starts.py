@@ -127,7 +127,7 @@ class Starts:
         answer_by = None
         if cmd.time_remaining is not None:
             answer_by = asyncio.get_running_loop().time() + cmd.time_remaining
-        if self._publisher.direct:
+        if self._publisher.pushes(cmd.task_name, cmd.queue, task_type.task.priority):
             # One script, claim and message together: it ran or it did not,
             # so there is nothing to finish if the caller goes away.
             return await self._start(cmd, task_type, answer_by, request)
@@ -164,10 +164,9 @@ class Starts:
             countdown=cmd.countdown,
             time_limit=cmd.time_limit,
             soft_time_limit=cmd.soft_time_limit,
+            priority=task_type.task.priority,
         )
-        push = None
-        if self._publisher.direct:
-            push = (queue, self._publisher.message(delivery))
+        push = self._publisher.push(delivery)
         claim = self._records.scripts.claim(
             fields,
             exclusivity_key=key,

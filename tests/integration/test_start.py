@@ -270,7 +270,10 @@ async def test_a_message_pushed_with_its_claim_is_the_one_kombu_would_send(
         "time_limit": 9.0,
         "soft_time_limit": 7.0,
     }
-    ours = json.loads(publisher.message(Delivery("test.echo", "id-ours", **options)))
+    push = publisher.push(Delivery("test.echo", "id-ours", **options))
+    assert push is not None
+    assert push[0] == "q-kombu"
+    ours = json.loads(push[1])
     create_publisher(settings, app).send_task("test.echo", task_id="id-kombu", **options)
     client = redis.asyncio.Redis.from_url(settings.redis_url)
     try:
