@@ -85,6 +85,8 @@ def unlisted(method: str) -> PermissionDenied:
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """One entry of the token list: a name for the logs, the secret and its permissions."""
+
     name: str
     secret: bytes
     permissions: frozenset[str]
@@ -113,6 +115,7 @@ def parse_tokens(text: str, *, separator: str = "\n", origin: str = "tokens") ->
 
 
 def load_tokens(inline: str, file: str) -> list[Token]:
+    """The tokens of TASKSERVICE_TOKENS and TASKSERVICE_TOKENS_FILE."""
     tokens = parse_tokens(inline, separator=";", origin="TASKSERVICE_TOKENS")
     if file:
         tokens += parse_tokens(Path(file).read_text(), origin=file)

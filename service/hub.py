@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 class Marker(enum.Enum):
+    """What a mailbox may hold besides a record."""
+
     RESYNC = "resync"
     """Changes may have been missed: re-read the record."""
     SHUTDOWN = "shutdown"
@@ -56,6 +58,7 @@ class Mailbox:
         self._closed = False
 
     def put(self, event: Event) -> None:
+        """Queue a change (or a marker) for the stream."""
         if self._closed:
             return
         if event is Marker.SHUTDOWN:
@@ -69,6 +72,7 @@ class Mailbox:
         self._ready.set()
 
     async def get(self) -> Event:
+        """The next change or marker, waiting for one."""
         while not self._events:
             self._ready.clear()
             await self._ready.wait()
@@ -94,6 +98,7 @@ class EventHub:
 
     @property
     def connected(self) -> bool:
+        """True while the subscription is up."""
         return self._connected.is_set()
 
     async def start(self, *, wait: float) -> None:
@@ -137,6 +142,7 @@ class EventHub:
 
     @property
     def watcher_count(self) -> int:
+        """Streams watching right now."""
         return sum(len(q) for q in self._watchers.values())
 
     async def _run(self) -> None:

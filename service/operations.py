@@ -44,6 +44,7 @@ class Operations:
         *,
         metrics: ServerMetrics | None = None,
     ) -> Operations:
+        """Wire every operation over `link`, `hub` and `publisher`."""
         records = Records(settings, link, registry, metrics or ServerMetrics())
         reads = Reads(records)
         watches = Watches(records, reads, hub)
@@ -63,6 +64,7 @@ class Operations:
         return await self.records.ping() and self.hub.connected
 
     async def close(self) -> None:
+        """Stop the background work and close the hub, the publisher and the link."""
         self.cancels.close()
         await self.hub.close()
         self.publisher.close()

@@ -86,6 +86,7 @@ class Ticket:
         return release
 
     def close(self) -> None:
+        """Give the admission back."""
         if self._release is not None:
             self._release()
             self._release = None
@@ -111,6 +112,7 @@ class Publisher:
 
     @property
     def default_queue(self) -> str:
+        """The queue a task goes to when neither a route nor the Start names one."""
         return self._default_queue
 
     @functools.cache  # noqa: B019 (one publisher per server, a few task names)
@@ -283,6 +285,7 @@ class Publisher:
         await _bounded(future, self._timeout, "the Celery broker did not take the revoke")
 
     def close(self) -> None:
+        """Stop the publish and revoke threads."""
         for pool in (self._publish_pool, self._control_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 

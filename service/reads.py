@@ -35,6 +35,7 @@ class TaskFilter:
     exclusivity_key: str = ""
 
     def fingerprint(self) -> str:
+        """A short digest of the filter, carried in page tokens."""
         text = "\n".join([",".join(sorted(self.states)), self.task_name, self.exclusivity_key])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

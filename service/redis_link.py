@@ -139,6 +139,7 @@ class RedisLink:
         return call.parse(reply)
 
     def close(self) -> None:
+        """Close the connection; calls waiting on it fail with ConnectionError."""
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._fail(redis.exceptions.ConnectionError("the Redis link was closed"))

@@ -84,6 +84,7 @@ class Server:
             self.metrics_endpoint.close()
 
     async def wait(self) -> None:
+        """Wait until the server stops."""
         await self.server.wait_for_termination()
 
 

@@ -13,7 +13,7 @@ import collections
 import inspect
 import math
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
@@ -27,9 +27,6 @@ from taskservice.core.states import RECORD_STATES, CancelMode, ConflictPolicy, T
 from taskservice.server.operations import Operations
 from taskservice.server.reads import TaskFilter
 from taskservice.server.starts import StartCommand
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
 
 # Doubles carry integers exactly up to 2**53; beyond that a whole-looking
 # number is left a float rather than pretending to precision it lost.
@@ -64,6 +61,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def Start(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
+        """Start (see the proto)."""
         policy = _CONFLICT_POLICIES_IN.get(request.conflict_policy)
         if policy is None:
             raise errors.InvalidArgument.of(
@@ -96,12 +94,14 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def GetStatus(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
+        """GetStatus (see the proto)."""
         task_id = await self._select(request)
         return self._answer(await self._ops.reads.get(task_id))
 
     async def Cancel(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
+        """Cancel (see the proto)."""
         mode = _CANCEL_MODES_IN.get(request.mode)
         if mode is None:
             raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}")
@@ -112,6 +112,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def WatchStatus(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.WatchStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
+        """WatchStatus (see the proto)."""
         task_id = await self._select(request)
         async for rec in self._ops.watches.watch(task_id, request.after_sequence):
             yield self._answer(rec)
@@ -119,6 +120,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def ListTaskTypes(
         self, request: pb.ListTaskTypesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListTaskTypesResponse:
+        """ListTaskTypes (see the proto)."""
         return pb.ListTaskTypesResponse(
             task_types=[task_type_message(t) for t in self._ops.records.registry.types()]
         )
@@ -126,6 +128,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListTasksResponse:
+        """ListTasks (see the proto)."""
         states = set()
         for state in request.states:
             record_state = RECORD_STATES.get(_TASK_STATES_IN.get(state, TaskState.UNSPECIFIED))
@@ -231,6 +234,7 @@ def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
 
 
 def task_type_message(task_type: TaskType) -> pb.TaskType:
+    """The proto TaskType of a task type."""
     message = pb.TaskType(
         name=task_type.name,
         description=task_type.description,

@@ -107,6 +107,8 @@ class StartCommand:
 
 @dataclass(frozen=True, slots=True)
 class Started:
+    """What a Start answers: the task, and whether it was already running (RETURN_EXISTING)."""
+
     record: TaskRecord
     already_existed: bool
 
@@ -120,6 +122,8 @@ class Starts:
         self._publisher = publisher
 
     async def start(self, cmd: StartCommand) -> Started:
+        """Start a task as `cmd` asks (see the module); TaskAlreadyRunning under a held key unless
+        RETURN_EXISTING."""
         request = remembered(cmd.request_id, cmd.fingerprint, self._records.settings)
         if request is not None:  # a valid one: no caller's junk in the logs
             bind_contextvars(request_id=request.id)

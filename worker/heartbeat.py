@@ -78,6 +78,7 @@ class Heartbeat(bootsteps.StartStopStep):
         self._pid = 0
 
     def start(self, parent: Any) -> None:
+        """Start the heartbeat thread (Celery calls this once the pool is up)."""
         self._reporter = reporter_of(parent.app)
         self._hostname = parent.hostname
         self._pid = os.getpid()
@@ -109,6 +110,7 @@ class Heartbeat(bootsteps.StartStopStep):
             self.beat()
 
     def beat(self) -> None:
+        """Renew the leases of every task this worker holds, once."""
         running, held = held_tasks()
         held = sorted(set(held) | self._handed_back)
         if not running and not held:

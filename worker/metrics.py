@@ -74,6 +74,7 @@ class MetricsEndpoint(bootsteps.StartStopStep):
             atexit.register(_remove, self._folder, os.getpid())
 
     def start(self, parent: Any) -> None:
+        """Serve the worker's metrics (Celery calls this once the worker starts)."""
         from taskservice.core.metrics import serve
 
         try:
@@ -91,6 +92,7 @@ class MetricsEndpoint(bootsteps.StartStopStep):
         logger.info("metrics on http://%s:%d/metrics", self.host, self._endpoint.port)
 
     def stop(self, parent: Any) -> None:
+        """Stop serving."""
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None

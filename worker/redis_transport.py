@@ -65,7 +65,10 @@ def _target(channel: Channel) -> tuple[Any, ...] | None:
 
 
 class QoS(_QoS):  # type: ignore[misc]
+    """kombu's QoS, restoring through the channel's own connection (see the module)."""
+
     def restore_unacked(self, client: Any = None) -> Any:
+        """Put the unacknowledged messages back; remember the tags that could not be."""
         self._flush()  # forget what was acknowledged meanwhile
         tags = list(self._delivered)
         try:
@@ -83,6 +86,8 @@ class QoS(_QoS):  # type: ignore[misc]
 
 
 class Channel(_Channel):  # type: ignore[misc]
+    """kombu's Redis channel, remembering its connection (see the module)."""
+
     QoS = QoS
     conninfo: Any = None
 
@@ -103,6 +108,7 @@ class Channel(_Channel):  # type: ignore[misc]
         return super()._connparams(asynchronous=asynchronous)
 
     def close(self) -> None:
+        """Close, restoring what it holds through the remembered connection."""
         try:
             super().close()
         finally:
@@ -135,4 +141,6 @@ class Channel(_Channel):  # type: ignore[misc]
 
 
 class Transport(_Transport):  # type: ignore[misc]
+    """kombu's Redis transport with this module's channel."""
+
     Channel = Channel

@@ -125,6 +125,7 @@ class Reporter:
 
     def fail(self, task_id: str, error_type: str, message: str, trace: str = "") -> str:
         # Bounded, like results: every change is published whole to every server.
+        """End the task FAILED with this error; the state it ended in."""
         return self.finish(
             task_id,
             record.FAILURE,
@@ -160,11 +161,13 @@ class Reporter:
         return self.finish(task_id, record.SUCCESS, {"result": encoded})
 
     def cancel_requested(self, task_id: str) -> bool:
+        """True once a Cancel asked the task to stop."""
         key = record.task_key(self.scripts.prefix, task_id)
         return bool(self._client.hexists(key, "cancel"))
 
 
 def tracked(app: Celery) -> bool:
+    """True if taskservice reports the tasks of `app`."""
     return bool(getattr(app, TRACKED, False))
 
 

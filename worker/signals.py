@@ -143,6 +143,7 @@ class Tracked(Task):  # type: ignore[type-arg]
         *rest: Any,
         **options: Any,
     ) -> Any:
+        """Celery's apply_async; a retry of a tracked task goes back to QUEUED first."""
         request = self.request
         reporter = reporter_of(self.app)
         retrying = (
@@ -168,6 +169,7 @@ class Tracked(Task):  # type: ignore[type-arg]
         meta: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        """Celery's update_state; a PROGRESS update is written to the record."""
         if not self.ignore_result:
             super().update_state(task_id, state, meta, **kwargs)
         task_id = task_id or self.request.id

@@ -26,6 +26,7 @@ DEV_TASKS = "taskservice.worker.tasks"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `taskservice` command with `argv` (default: sys.argv[1:]); its exit code."""
     parser = argparse.ArgumentParser(
         prog="taskservice", description="A gRPC front door for Celery."
     )

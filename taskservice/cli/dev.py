@@ -36,6 +36,7 @@ class DevWorker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start the worker process (again, after a restart)."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 self._command,
@@ -91,6 +92,7 @@ class Reloader:
 
     def start(self) -> None:
         # Its "1 change detected" says less than our own line.
+        """Watch the task code in a background thread."""
         logging.getLogger("watchfiles").setLevel(logging.WARNING)
         self._thread.start()
 

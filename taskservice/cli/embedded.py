@@ -44,6 +44,7 @@ def redis_server_binary() -> str:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -109,9 +110,11 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
+        """redis://127.0.0.1:<port>/0 of this server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start redis-server and wait until it answers; self."""
         self.process = subprocess.Popen(
             tied_to_this_process(
                 [
@@ -162,6 +165,7 @@ class EmbeddedRedis:
             self.process.wait()
 
     def stop(self) -> None:
+        """Stop the server and remove its data folder."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

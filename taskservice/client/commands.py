@@ -386,6 +386,7 @@ class _Output:
 
 
 def vars_of(parameter: Any) -> dict[str, Any]:
+    """The attributes of a dataclass instance, by name."""
     return {name: getattr(parameter, name) for name in parameter.__slots__}
 
 

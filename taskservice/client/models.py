@@ -65,6 +65,8 @@ class Task:
 
     @classmethod
     def from_message(cls, message: pb.Task, *, already_existed: bool = False) -> Task:
+        """The task a taskservice.v1.Task message describes."""
+
         def when(name: str) -> datetime.datetime | None:
             if not message.HasField(name):  # type: ignore[arg-type]
                 return None
@@ -124,6 +126,7 @@ class TaskType:
 
     @classmethod
     def from_message(cls, message: pb.TaskType) -> TaskType:
+        """The task type a taskservice.v1.TaskType message describes."""
         return cls(
             name=message.name,
             description=message.description,

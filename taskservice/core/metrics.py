@@ -180,6 +180,7 @@ class Endpoint:
     _thread: threading.Thread
 
     def close(self) -> None:
+        """Stop serving and wait for the thread."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)

@@ -33,11 +33,12 @@ Keys:
                                             a retried call is answered alike
     <prefix>:events                  pub/sub channel: "<task id> <record JSON>"
 
-A transition touches the record and, at most, the key's holder and the lease
-set; the holder check of a Start also reads the holder's record. Those keys do
-not share one hash tag, so Redis Cluster would need the record and the holder
-co-located first (see ROADMAP); every script is written against a single
-Redis (or a primary with replicas/Sentinel).
+A script may touch more than the record it is about: a Start's claim also
+reads and writes the key's holder, the holder's record, the lease set, the
+ListTasks indexes and a request key; every change appends to the task's log
+and publishes on the events channel. Only some of these keys are passed in
+KEYS, and they share no hash tag: every script is written against a single
+Redis (or a primary with replicas), not Redis Cluster.
 """
 
 from __future__ import annotations
@@ -112,18 +113,22 @@ def unrepresentable(value: Any, depth: int = 1) -> str:
 
 
 def task_key(prefix: str, task_id: str) -> str:
+    """The Redis key of a task's record (a hash)."""
     return f"{prefix}:task:{{{task_id}}}"
 
 
 def holder_key(prefix: str, exclusivity_key: str) -> str:
+    """The Redis key naming the task that holds (or last held) an exclusivity key."""
     return f"{prefix}:key:{{{exclusivity_key}}}"
 
 
 def log_key(prefix: str, task_id: str) -> str:
+    """The Redis key of a task's change log (a list)."""
     return f"{prefix}:log:{{{task_id}}}"
 
 
 def request_key(prefix: str, request_id: str) -> str:
+    """The Redis key of what a request id was used for (a hash)."""
     return f"{prefix}:request:{{{request_id}}}"
 
 
@@ -138,15 +143,19 @@ def index_key(prefix: str, *, active: bool = False, name: str = "", key: str = "
 
 
 def leases_key(prefix: str) -> str:
+    """The Redis key of the lease set (task id -> deadline, ms on Redis's clock)."""
     return f"{prefix}:leases"
 
 
 def events_channel(prefix: str) -> str:
+    """The pub/sub channel every record change is published on."""
     return f"{prefix}:events"
 
 
 @dataclass(frozen=True, slots=True)
 class Progress:
+    """How far a running task says it is."""
+
     current: float
     total: float
     message: str
@@ -154,6 +163,8 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
+    """Why a task failed: its exception's type, message and traceback."""
+
     type: str
     message: str
     traceback: str
@@ -186,9 +197,11 @@ class TaskRecord:
 
     @property
     def terminal(self) -> bool:
+        """True once the task has ended: its record will not change again."""
         return self.state in TERMINAL_STATES
 
     def to_json(self) -> str:
+        """The record as the scripts publish it (JSON of its hash fields)."""
         return json.dumps(dict(self.fields))
 
     @classmethod
@@ -204,6 +217,8 @@ class TaskRecord:
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> TaskRecord:
+        """The record of a task's hash fields, as Redis holds them."""
+
         def number(name: str) -> float | None:
             value = fields.get(name)
             return float(value) if value else None

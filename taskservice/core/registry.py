@@ -195,12 +195,14 @@ class TaskRegistry:
         )
 
     def get(self, name: str) -> TaskType | None:
+        """The task type named `name`, if it is exposed by a loaded module."""
         task_type = self._types.get(name)
         if task_type is None or not self._allowed(task_type):
             return None
         return task_type
 
     def types(self) -> list[TaskType]:
+        """Every task type that may be started, by name."""
         return [t for name, t in sorted(self._types.items()) if self._allowed(t)]
 
     def load(self, modules: Iterable[str]) -> None:

@@ -217,18 +217,22 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
+        """The Celery broker: broker_url, else redis_url."""
         return self.broker_url or self.redis_url
 
     @property
     def effective_result_backend(self) -> str:
+        """Celery's result backend: result_backend, else redis_url."""
         return self.result_backend or self.redis_url
 
     @property
     def queue_names(self) -> tuple[str, ...]:
+        """The queues (and queue patterns ending in *) a Start may name."""
         return tuple(q.strip() for q in self.queues.split(",") if q.strip())
 
     @property
     def task_modules(self) -> tuple[str, ...]:
+        """The modules whose exposed tasks may be started."""
         return tuple(m.strip() for m in self.tasks.split(",") if m.strip())
 
 

@@ -1,14 +1,18 @@
 """The one map: Celery state (as kept in a task's record) -> TaskState, and the
 enums of the API (TaskState, ConflictPolicy, CancelMode) as Python enums.
 
-| Celery state           | TaskState   | note                                        |
+| record state           | TaskState   | note                                        |
 |------------------------|-------------|---------------------------------------------|
-| PENDING (and RECEIVED) | QUEUED      | our record: Celery says PENDING for any id  |
-| STARTED (and PROGRESS) | RUNNING     | progress is a field, not a state            |
+| PENDING                | QUEUED      | our record: Celery says PENDING for any id  |
+| STARTED                | RUNNING     | progress is a field, not a state            |
 | SUCCESS                | SUCCEEDED   |                                             |
 | FAILURE                | FAILED      | LOST if the error is WorkerLostError        |
 | REVOKED                | CANCELLED   |                                             |
 | LOST (ours, not Celery)| LOST        | its worker died or stopped heartbeating     |
+
+A record holds only these six states (taskservice.core.record): Celery's
+RECEIVED, RETRY and PROGRESS never reach it (a retry goes back to PENDING,
+progress is a field).
 
 Each enum here has the names of the proto enum it stands for, without the
 prefix (`TASK_STATE_QUEUED` is `TaskState.QUEUED`, whose value is "QUEUED"):
@@ -69,10 +73,7 @@ _TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLE
 
 _STATES: dict[str, TaskState] = {
     "PENDING": TaskState.QUEUED,
-    "RECEIVED": TaskState.QUEUED,
-    "RETRY": TaskState.QUEUED,
     "STARTED": TaskState.RUNNING,
-    "PROGRESS": TaskState.RUNNING,
     "SUCCESS": TaskState.SUCCEEDED,
     "FAILURE": TaskState.FAILED,
     "REVOKED": TaskState.CANCELLED,
