@@ -7,15 +7,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from tests.support.client import error_info, finished, start_request, value
+from tests.support.client import error_info, finished, start_request, value, violations
 
 UNKNOWN_ID = "6f1c5d0e-3d5b-4c1e-9a57-1f0a5a1e2b3c"
 
@@ -240,18 +238,6 @@ async def test_no_lookup_gets_internal(
                 error.code(),
                 error.details(),
             )
-
-
-def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The google.rpc.BadRequest field violations of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    found: dict[str, str] = {}
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            found.update((v.field, v.description) for v in bad.field_violations)
-    return found
 
 
 async def test_arguments_are_checked_against_annotations_naming_the_parameter(
