@@ -1,1 +1,1 @@
-"""taskservice: a gRPC front door for Celery."""
+"""The gRPC server (installed as taskservice.server): the servicer, one module per operation, and what they run on."""
