@@ -1,1 +1,2 @@
-"""The gRPC server (installed as taskservice.server): the servicer, one module per operation, and what they run on."""
+"""The gRPC server (installed as taskservice.server): the servicer, one module
+per operation, and what they run on."""

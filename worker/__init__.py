@@ -1,1 +1,2 @@
-"""The Celery side of taskservice: the app, its tasks and the hooks that report back."""
+"""The Celery side (installed as taskservice.worker): the app, its tasks and the
+hooks that report back."""
