@@ -186,6 +186,9 @@ _TASK_STATES = {s: pb.TaskState.Value(f"TASK_STATE_{s}") for s in TaskState}
 _TASK_STATES_IN = {number: state for state, number in _TASK_STATES.items()}
 _CANCEL_MODES = {m: pb.CancelMode.Value(f"CANCEL_MODE_{m}") for m in CancelMode}
 _CANCEL_MODES_IN = {number: mode for mode, number in _CANCEL_MODES.items()}
+_RECORDED_CANCEL_MODES = {
+    mode.recorded: number for mode, number in _CANCEL_MODES.items() if mode != "UNSPECIFIED"
+}
 _CONFLICT_POLICIES_IN = {pb.ConflictPolicy.Value(f"CONFLICT_POLICY_{p}"): p for p in ConflictPolicy}
 
 
@@ -199,7 +202,7 @@ def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
         worker=rec.worker,
         exclusivity_key=rec.exclusivity_key,
         sequence=rec.sequence,
-        cancel_mode=_CANCEL_MODES[CancelMode[rec.cancel] if rec.cancel else CancelMode.UNSPECIFIED],
+        cancel_mode=_RECORDED_CANCEL_MODES.get(rec.cancel, pb.CANCEL_MODE_UNSPECIFIED),
         queue=rec.queue,
     )
     for field, when in (
