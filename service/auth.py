@@ -60,6 +60,8 @@ METHODS: Mapping[str, str] = MappingProxyType(
         # Load balancers and orchestrators probe without credentials.
         "/grpc.health.v1.Health/Check": OPEN,
         "/grpc.health.v1.Health/Watch": OPEN,
+        # grpcio-health-checking 1.80 and later also serve List.
+        "/grpc.health.v1.Health/List": OPEN,
         # Reflection describes the API (taskservice.server.reflection).
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "read",
     }
