@@ -37,6 +37,10 @@ from taskservice.server.sweeper import Sweeper
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskService"].full_name
+LIVENESS = "liveness"
+"""The health service name that is SERVING while the server runs, whatever
+Redis says, until it drains: for liveness probes (the server's own names
+follow Redis, for readiness). Served with `health_port`."""
 
 
 class StartupError(Exception):
@@ -61,6 +65,7 @@ class Server:
     health: health.aio.HealthServicer
     guard: Guard
     metrics_endpoint: Endpoint | None = None
+    health_server: grpc.aio.Server | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -79,6 +84,8 @@ class Server:
         # to a handler; refusing them ourselves first leaves it none.
         await self.guard.drained(max(0.0, until - loop.time()))
         await self.server.stop(max(0.0, until - loop.time()))
+        if self.health_server is not None:  # NOT_SERVING on it until here
+            await self.health_server.stop(0)
         await self.operations.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.close()
@@ -166,6 +173,15 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
                 f"({error}); pick another TASKSERVICE_METRICS_PORT"
             ) from None
         logger.info("metrics on http://%s:%d/metrics", endpoint.host, endpoint.port)
+    health_server = None
+    if settings.health_port:
+        try:
+            health_server = health_only_server(settings, health_servicer)
+        except StartupError:
+            await operations.close()
+            if endpoint is not None:
+                endpoint.close()
+            raise
     await server.start()
     running = Server(
         server=server,
@@ -174,14 +190,37 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         health=health_servicer,
         guard=guard,
         metrics_endpoint=endpoint,
+        health_server=health_server,
     )
     await _report_health(operations, health_servicer)
+    if health_server is not None:
+        await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await health_server.start()
+        logger.info("health only, plaintext, on %s:%d", settings.host, settings.health_port)
     running._tasks += [
         asyncio.create_task(_health_loop(operations, health_servicer, settings.health_interval)),
         asyncio.create_task(_sweep_loop(operations.sweeper, settings.sweep_interval)),
     ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
+
+
+def health_only_server(settings: Settings, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+    """A server (not started) answering `servicer` and nothing else, in
+    plaintext on `settings.host:settings.health_port`: kubelet's gRPC probes
+    present no client certificate, so under mutual TLS they need this port.
+    It tells only health states; every other method answers UNIMPLEMENTED."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        raise StartupError(
+            f"cannot listen on {address} for health: the port is taken; pick another "
+            "TASKSERVICE_HEALTH_PORT"
+        ) from None
+    return server
 
 
 def _security(settings: Settings) -> tuple[list[Token], grpc.ServerCredentials | None]:

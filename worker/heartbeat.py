@@ -18,6 +18,10 @@ waits for the running ones, and only then hands the unstarted messages back
 to the broker. The heartbeat keeps their leases alive through that wait (a
 worker killed during it leaves them LOST, not stuck) and drops the leases as
 the process exits, so they wait in the broker again, unleased.
+
+With `heartbeat_file` set, each beat that renewed every lease it had to (or
+had none to renew) touches that file: `taskservice health --worker` reads its
+age as "this worker still vouches for its tasks" (a Kubernetes liveness probe).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import atexit
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import bootsteps
@@ -76,12 +81,17 @@ class Heartbeat(bootsteps.StartStopStep):
         self._reporter: Any = None
         self._hostname = ""
         self._pid = 0
+        self._alive_file: Path | None = None
+        self._touch_failed = False
 
     def start(self, parent: Any) -> None:
         """Start the heartbeat thread (Celery calls this once the pool is up)."""
         self._reporter = reporter_of(parent.app)
         self._hostname = parent.hostname
         self._pid = os.getpid()
+        if self._reporter.settings.heartbeat_file:
+            self._alive_file = Path(self._reporter.settings.heartbeat_file)
+            self._mark_alive()  # alive from the start: nothing to renew yet
         task_received.connect(self._on_received, weak=False)
         worker_shutting_down.connect(self._on_shutting_down, weak=False)
         atexit.register(self._at_exit)
@@ -114,6 +124,7 @@ class Heartbeat(bootsteps.StartStopStep):
         running, held = held_tasks()
         held = sorted(set(held) | self._handed_back)
         if not running and not held:
+            self._mark_alive()
             return
         reporter = self._reporter
         call = reporter.scripts.renew(
@@ -125,6 +136,23 @@ class Heartbeat(bootsteps.StartStopStep):
             # The leases simply lapse if this lasts, which is the truth: this
             # worker cannot vouch for its tasks.
             logger.exception("heartbeat failed for %d tasks", len(running) + len(held))
+        else:
+            self._mark_alive()
+
+    def _mark_alive(self) -> None:
+        """Touch `heartbeat_file` (if set): every lease this worker holds is renewed."""
+        if self._alive_file is None:
+            return
+        try:
+            self._alive_file.touch()
+        except OSError as error:
+            # Logged once: a missing or read-only folder stays so, and the
+            # liveness probe reading the file says the rest.
+            if not self._touch_failed:
+                logger.error("cannot touch the heartbeat file %s: %s", self._alive_file, error)
+            self._touch_failed = True
+        else:
+            self._touch_failed = False
 
     def _at_exit(self) -> None:
         if os.getpid() != self._pid:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     health.add_argument("--service", default="", help='service name (default "": the server)')
     health.add_argument("--cert-file", default="", help="PEM client certificate (mutual TLS)")
     health.add_argument("--key-file", default="", help="PEM key of --cert-file")
+    health.add_argument(
+        "--worker",
+        action="store_true",
+        help="check this machine's worker instead: its heartbeat renewed every lease it holds "
+        "within TASKSERVICE_LEASE seconds (the age of TASKSERVICE_HEARTBEAT_FILE)",
+    )
     client_commands.add_commands(commands)
     # Unknown options belong to `celery worker` (e.g. --concurrency=8 -Q a,b).
     args, extra = parser.parse_known_args(argv)
@@ -67,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in client_commands.COMMANDS:
         return client_commands.run(args)
+    if args.command == "health" and args.worker:
+        return _worker_health()
     if args.command == "health":  # one line of its own, no logging
         return _health(args.timeout, args.service, args.cert_file, args.key_file)
 
@@ -139,6 +148,10 @@ def _worker(celery_args: Sequence[str]) -> int:
     from taskservice.core.registry import NotTrackable
 
     settings = Settings()
+    if settings.heartbeat_file:
+        # Left by a previous run (a Kubernetes emptyDir outlives a container
+        # restart): it must not vouch for this one before its heartbeat does.
+        Path(settings.heartbeat_file).unlink(missing_ok=True)
     try:
         # What the server refuses to start, the worker refuses to run.
         celery_app = load_app(settings)
@@ -303,6 +316,37 @@ def _health(timeout: float, service: str, client_cert: str, client_key: str) -> 
     serving = answer.status == health_pb2.HealthCheckResponse.SERVING
     print(f"{target}: {status}", file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1
+
+
+def _worker_health() -> int:
+    """0 if this machine's worker renewed its leases (or had none to renew)
+    within `lease` seconds, going by TASKSERVICE_HEARTBEAT_FILE; else 1. Older
+    than that, the leases of its tasks have lapsed: it vouches for nothing.
+    Prints one line."""
+    settings = Settings()
+    path = settings.heartbeat_file
+    if not path:
+        print(
+            "TASKSERVICE_HEARTBEAT_FILE is not set: workers keep no heartbeat file", file=sys.stderr
+        )
+        return 1
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        print(f"{path}: no heartbeat yet (is the worker running?)", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return 1
+    if age > settings.lease:
+        print(
+            f"{path}: leases last renewed {age:.1f}s ago, longer than the lease "
+            f"({settings.lease:g}s)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{path}: leases renewed {age:.1f}s ago")
+    return 0
 
 
 def _can_listen(host: str, port: int) -> bool:

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=10.0, gt=0)
     """Seconds between a worker's lease renewals; well below `lease`."""
 
+    heartbeat_file: str = ""
+    """A file each worker touches whenever it has renewed every lease it holds
+    (or held none to renew): `taskservice health --worker` fails once it is
+    older than `lease`, when the worker can no longer vouch for its tasks (a
+    liveness probe). Empty: none."""
+
     sweep_interval: float = Field(default=1.0, gt=0)
     """Seconds between each server's sweeps for lapsed leases: a dead worker's
     task ends LOST within `lease` + `sweep_interval`."""
@@ -164,6 +170,13 @@ class Settings(BaseSettings):
 
     shutdown_grace: float = Field(default=5.0, ge=0)
     """Seconds in-flight calls get to finish on shutdown."""
+
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Port of a second, plaintext listener on `host` that serves gRPC health
+    (grpc.health.v1) and nothing else: for probes that present no client
+    certificate (kubelet's gRPC probe) when the gRPC port requires mutual TLS.
+    Besides the server's own services it answers `liveness`: SERVING while the
+    server runs, whether Redis answers or not, until it drains. 0: none."""
 
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Port of the server's Prometheus endpoint (`/metrics`); 0: none. With
