@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
-from check_jsonschema.builtin_schemas import get_builtin_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -554,6 +552,11 @@ def check_install(stages: list[Stage]) -> None:
 
 
 def main() -> int:
+    # Here, not above: tests/unit/test_kubernetes.py imports this file's
+    # helpers with the `test` extra, which has neither.
+    import jsonschema
+    from check_jsonschema.builtin_schemas import get_builtin_schema
+
     started = time.monotonic()
     # Only the files' own TASKSERVICE_* variables count, not this shell's.
     for name in [n for n in os.environ if n.startswith("TASKSERVICE_")]:
