@@ -200,22 +200,27 @@ async def test_worker_liveness_fails_once_the_worker_stops_renewing_its_leases(
         own.stop()
 
 
-def test_worker_liveness_says_what_is_missing(
+def test_worker_liveness_never_trusts_a_file_a_previous_worker_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    health = [sys.executable, "-m", "taskservice", "health", "--worker"]
     monkeypatch.delenv("TASKSERVICE_HEARTBEAT_FILE", raising=False)
-    done = subprocess.run(
-        [sys.executable, "-m", "taskservice", "health", "--worker"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = subprocess.run(health, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "TASKSERVICE_HEARTBEAT_FILE is not set" in done.stderr
-    monkeypatch.setenv("TASKSERVICE_HEARTBEAT_FILE", str(tmp_path / "none"))
+
+    # A fresh file of the container before (an emptyDir outlives a restart):
+    # the new worker removes it first, even when it then fails to start.
+    alive_file = tmp_path / "heartbeat"
+    alive_file.touch()
+    monkeypatch.setenv("TASKSERVICE_HEARTBEAT_FILE", str(alive_file))
+    assert subprocess.run(health, capture_output=True, timeout=30).returncode == 0
     done = subprocess.run(
-        [sys.executable, "-m", "taskservice", "health", "--worker"],
+        [sys.executable, "-m", "taskservice", "worker"],
+        env={**os.environ, "TASKSERVICE_CELERY_APP": "no_such_module:app"},
         capture_output=True,
         text=True,
         timeout=30,
     )
+    assert done.returncode == 1 and "no_such_module" in done.stderr
+    done = subprocess.run(health, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "no heartbeat yet" in done.stderr
