@@ -203,19 +203,18 @@ async def test_worker_liveness_fails_once_the_worker_stops_renewing_its_leases(
 
 
 def test_worker_liveness_never_trusts_a_file_a_previous_worker_left(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    health = [sys.executable, "-m", "taskservice", "health", "--worker"]
     monkeypatch.delenv("TASKSERVICE_HEARTBEAT_FILE", raising=False)
-    done = subprocess.run(health, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 1 and "TASKSERVICE_HEARTBEAT_FILE is not set" in done.stderr
+    assert main(["health", "--worker"]) == 1
+    assert "TASKSERVICE_HEARTBEAT_FILE is not set" in capsys.readouterr().err
 
     # A fresh file of the container before (an emptyDir outlives a restart):
     # the new worker removes it first, even when it then fails to start.
     alive_file = tmp_path / "heartbeat"
     alive_file.touch()
     monkeypatch.setenv("TASKSERVICE_HEARTBEAT_FILE", str(alive_file))
-    assert subprocess.run(health, capture_output=True, timeout=30).returncode == 0
+    assert main(["health", "--worker"]) == 0
     done = subprocess.run(
         [sys.executable, "-m", "taskservice", "worker"],
         env={**os.environ, "TASKSERVICE_CELERY_APP": "no_such_module:app"},
@@ -224,5 +223,6 @@ def test_worker_liveness_never_trusts_a_file_a_previous_worker_left(
         timeout=30,
     )
     assert done.returncode == 1 and "no_such_module" in done.stderr
-    done = subprocess.run(health, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 1 and "no heartbeat yet" in done.stderr
+    capsys.readouterr()
+    assert main(["health", "--worker"]) == 1
+    assert "no heartbeat yet" in capsys.readouterr().err
