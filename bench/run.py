@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -242,6 +243,7 @@ def load(port: int, path: str, message: Any, calls: int, folder: Path) -> Load:
 
 
 def _h2load(port: int, path: str, body: bytes, calls: int, folder: Path) -> Load:
+    folder.mkdir(parents=True, exist_ok=True)
     body_file = folder / "body.bin"
     body_file.write_bytes(body)
     log = folder / "h2load.log"
@@ -670,6 +672,127 @@ def processes(stack: Stack, report: Report, calls: int) -> None:
             report.add(Row(scenario, f"CPU of {name}", cores, f"of {os.cpu_count()} cores"))
 
 
+def replicas(stack: Stack, report: Report, calls: int) -> None:
+    """Start throughput with 1-3 replicas (each `serve`, one process, its own
+    port, one load generator each, all at once), what each part of the machine
+    was busy with, and Redis's CPU per Start: where the scaling stops here."""
+    rates = []
+    for n in (1, 2, 3):
+        servers = [stack.server() for _ in range(n)]
+        pids = [pid for server, _ in servers for pid in family(server)]
+        server_cpu, redis_cpu, generator_cpu = cpu_seconds(pids), _redis_cpu(stack), _children_cpu()
+        began = time.perf_counter()
+        results = load_many(
+            [port for _, port in servers],
+            "/taskservice.v1.TaskService/Start",
+            pb.StartRequest(task_name="bench.noop"),
+            calls,
+            stack.folder,
+        )
+        elapsed = time.perf_counter() - began
+        done = sum(r.calls for r in results)
+        busy = {
+            "servers": (cpu_seconds(pids) - server_cpu) / elapsed,
+            "Redis": (_redis_cpu(stack) - redis_cpu) / elapsed,
+            "load generators": (_children_cpu() - generator_cpu) / elapsed,
+        }
+        for server, _ in servers:
+            stack.stop(server)
+        started = stack.client.llen("celery")
+        stack.client.delete("celery")
+        rate = started / elapsed
+        rates.append(rate)
+        scenario = f"{n} replica{'s' if n > 1 else ''}"
+        report.add(
+            Row(scenario, "Start rate", rate, "calls/s", "1 replica" if n > 1 else "",
+                rate / rates[0] if n > 1 else None)
+        )  # fmt: skip
+        if started < done:
+            report.add(Row(scenario, "Starts that failed", done - started, "calls"))
+        for name, cores in busy.items():
+            report.add(Row(scenario, f"CPU of {name}", cores, f"of {os.cpu_count()} cores"))
+        if n == 1:
+            report.add(
+                Row("Redis cost", "CPU per Start", busy["Redis"] * elapsed / started * 1e6, "us")
+            )
+
+
+def redis_costs(stack: Stack, report: Report, calls: int, watchers: int) -> None:
+    """Redis's CPU per GetStatus, and per task change told to watchers (one
+    PUBLISH per change, whatever the number of streams: each server
+    subscribes once), with the server's CPU per stream message beside it."""
+    server, port = stack.server()
+    pids = family(server)
+    parked = pb.StartRequest(task_name="bench.noop")
+    parked.options.queue = PARKED
+    task_id = asyncio.run(_start(port, parked))
+    before = _redis_cpu(stack)
+    result = load(
+        port,
+        "/taskservice.v1.TaskService/GetStatus",
+        pb.GetStatusRequest(task_id=task_id),
+        calls,
+        stack.folder,
+    )
+    per_read = (_redis_cpu(stack) - before) / max(1, result.calls) * 1e6
+    report.add(Row("Redis cost", "CPU per GetStatus", per_read, "us"))
+    changes, messages, redis_cpu, server_cpu = asyncio.run(
+        _watched_changes(stack, port, pids, watchers)
+    )
+    report.add(Row("Redis cost", "CPU per task change watched", redis_cpu / changes * 1e6, "us"))
+    report.add(
+        Row("watch cost", "server CPU per stream message", server_cpu / messages * 1e6, "us")
+    )
+    stack.stop(server)
+    stack.client.delete(PARKED)
+
+
+async def _start(port: int, request: pb.StartRequest) -> str:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return str((await pb_grpc.TaskServiceStub(channel).Start(request)).task.id)
+
+
+async def _watched_changes(
+    stack: Stack, port: int, pids: list[int], watchers: int
+) -> tuple[int, int, float, float]:
+    """Tasks, each watched by watchers // tasks streams, all cancelled: (changes,
+    stream messages, Redis CPU and server CPU seconds while they were told)."""
+    tasks = max(1, watchers // 100)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.TaskServiceStub(channel)
+        parked = pb.StartRequest(task_name="bench.noop")
+        parked.options.queue = PARKED
+        ids = [(await stub.Start(parked)).task.id for _ in range(tasks)]
+        calls = [
+            stub.WatchStatus(pb.WatchStatusRequest(task_id=ids[n % tasks])) for n in range(watchers)
+        ]
+        await asyncio.gather(*(c.read() for c in calls))
+        redis_before, server_before = _redis_cpu(stack), cpu_seconds(pids)
+        await asyncio.gather(*(stub.Cancel(pb.CancelRequest(task_id=i)) for i in ids))
+        ends = await asyncio.gather(*(c.read() for c in calls))
+        redis_cpu = _redis_cpu(stack) - redis_before
+        server_cpu = cpu_seconds(pids) - server_before
+    return tasks, len(ends), redis_cpu, server_cpu
+
+
+def load_many(ports: list[int], path: str, message: Any, calls: int, folder: Path) -> list[Load]:
+    """`calls` unary calls split over `ports`, one load generator each, all at once."""
+    share = max(1, calls // len(ports))
+    if shutil.which("h2load"):
+        with concurrent.futures.ThreadPoolExecutor(len(ports)) as pool:
+            futures = [
+                pool.submit(_h2load, port, path, grpc_body(message), share, folder / str(port))
+                for port in ports
+            ]
+            return [future.result() for future in futures]
+
+    async def all_at_once() -> list[Load]:
+        body = message.SerializeToString()
+        return list(await asyncio.gather(*(_python_load(p, path, body, share) for p in ports)))
+
+    return asyncio.run(all_at_once())
+
+
 def _redis_cpu(stack: Stack) -> float:
     info = stack.client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -710,6 +833,8 @@ def main() -> int:
                 lambda: watch_burst(stack, report, watchers, tasks),
                 lambda: worker_throughput(stack, report, count),
                 lambda: processes(stack, report, calls),
+                lambda: replicas(stack, report, calls),
+                lambda: redis_costs(stack, report, calls // 4, watchers // 10),
             ):
                 scenario()
         finally:
