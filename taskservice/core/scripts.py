@@ -101,6 +101,9 @@ class Claimed:
     """claim: the task is the key's holder now (and its message is on the broker
     list when the claim pushed it)."""
 
+    fencing_token: int = 0
+    """Its fencing token, on its record too (0 without an exclusivity key)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Held:
@@ -248,7 +251,7 @@ def _claim(reply: Any) -> Claimed | Held | Repeat | Reused:
         return Repeat(detail)
     if status == "reused":
         return Reused()
-    return Claimed()
+    return Claimed(int(detail or 0))
 
 
 def _confirm(reply: Any) -> Confirmed | Moved | Missing:
@@ -360,13 +363,15 @@ class Scripts:
         push: tuple[str, str] | None = None,
     ) -> Call[Claimed | Held | Repeat | Reused]:
         """Make the new task (`fields`) the holder of `exclusivity_key` unless
-        an unfinished task holds it. With `push` (broker list, message), the
-        message is enqueued in the same step; without, the claim carries a
-        provisional lease until `confirm` (or `abandon`)."""
+        an unfinished task holds it, with a fencing token above every earlier
+        holder's. With `push` (broker list, message), the message is enqueued
+        in the same step; without, the claim carries a provisional lease until
+        `confirm` (or `abandon`)."""
         task_id = fields["id"]
         keys = [record.task_key(self.prefix, task_id)]
         if exclusivity_key:
             keys.append(record.holder_key(self.prefix, exclusivity_key))
+            keys.append(record.fence_key(self.prefix, exclusivity_key))
         if request is None:
             request_args = ["", "", "0"]
         else:
@@ -424,8 +429,9 @@ class Scripts:
     def renew(
         self, running: Iterable[str], held: Iterable[str], *, worker: str, lease_ms: int
     ) -> Call[list[str]]:
-        """Renew the leases of the tasks `worker` runs and holds; the ids it
-        no longer may renew."""
+        """Renew the leases of the tasks `worker` runs and holds; the ids that
+        are no longer its own (ended LOST, run elsewhere, gone), which it must
+        stop or drop. A lapsed lease is never renewed: its task ends LOST."""
         running = list(running)
         leases = [record.leases_key(self.prefix)]
         args = [worker, str(lease_ms), str(len(running)), *running, *held]
