@@ -114,9 +114,11 @@ def _active() -> list[Any]:
 class Fence:
     """Stops the tasks whose leases this worker could not renew in time.
 
-    `vouch` records when a renewal covering tasks was sent; a thread stops
-    each task once `lease - margin` has passed since (on the monotonic clock,
-    which also runs while the process is stopped)."""
+    It watches the tasks of taskservice (`Tracked`) from their arrival;
+    `vouch` records when a renewal covering them was sent, and a thread stops
+    each once `lease - margin` has passed since (on the monotonic clock, which
+    also runs while the process is stopped). Tasks without a record (not
+    started through taskservice) have no lease and are left alone."""
 
     def __init__(self, *, lease: float, margin: float, exiting: threading.Event) -> None:
         self.lease = lease
@@ -126,7 +128,8 @@ class Fence:
         self._exiting = exiting
         self._lock = threading.Lock()
         self._changed = threading.Event()
-        self._vouched: dict[str, float] = {}
+        self._watched: dict[str, tuple[float, float]] = {}
+        """Task id -> (when it arrived, since when its lease is vouched for)."""
         self._stopping: dict[str, float | None] = {}
         """Running tasks being stopped -> when SIGTERM was sent (None: not yet)."""
 
@@ -136,22 +139,32 @@ class Fence:
     def arrived(self, task_id: str, when: float) -> None:
         """A task arrived: no lease of it can have started before `when`."""
         with self._lock:
-            self._vouched.setdefault(task_id, when)
+            self._watched.setdefault(task_id, (when, when))
         self._changed.set()
 
     def vouch(self, task_ids: Iterable[str], sent: float) -> None:
         """A renewal of `task_ids` sent at `sent` succeeded."""
         with self._lock:
             for task_id in task_ids:
-                self._vouched[task_id] = max(self._vouched.get(task_id, sent), sent)
+                watched = self._watched.get(task_id)
+                if watched is not None:
+                    self._watched[task_id] = (watched[0], max(watched[1], sent))
         self._changed.set()
 
-    def keep(self, task_ids: Iterable[str]) -> None:
-        """Forget the tasks the worker no longer holds."""
+    def forget(self, task_ids: Iterable[str]) -> None:
+        """Stop watching these tasks (they have no record, hence no lease)."""
+        with self._lock:
+            for task_id in task_ids:
+                self._watched.pop(task_id, None)
+
+    def keep(self, task_ids: Iterable[str], *, seen: float) -> None:
+        """Forget the tasks the worker no longer held at `seen` (ones that
+        arrived since are kept)."""
         kept = set(task_ids)
         with self._lock:
-            for task_id in [t for t in self._vouched if t not in kept]:
-                del self._vouched[task_id]
+            for task_id, (arrived, _) in list(self._watched.items()):
+                if task_id not in kept and arrived < seen:
+                    del self._watched[task_id]
 
     def stop(self, task_id: str, reason: str) -> None:
         """Stop the task now (running) or drop it (held unstarted)."""
@@ -159,7 +172,7 @@ class Fence:
             return
         logger.warning("stopping task %s: %s", task_id, reason)
         with self._lock:
-            self._vouched.pop(task_id, None)
+            self._watched.pop(task_id, None)
             self._stopping[task_id] = None
         self._changed.set()
 
@@ -168,7 +181,7 @@ class Fence:
             cutoff = self.lease - self.margin
             now = time.monotonic()
             with self._lock:
-                due = [t for t, since in self._vouched.items() if since + cutoff <= now]
+                due = [t for t, (_, since) in self._watched.items() if since + cutoff <= now]
             for task_id in due:
                 self.stop(
                     task_id,
@@ -177,7 +190,7 @@ class Fence:
                 )
             timeout = self._enforce()
             with self._lock:
-                wake = min((since + cutoff for since in self._vouched.values()), default=None)
+                wake = min((since + cutoff for _, since in self._watched.values()), default=None)
             if wake is not None:
                 until = max(0.0, wake - time.monotonic())
                 timeout = until if timeout is None else min(timeout, until)
@@ -220,6 +233,14 @@ class Fence:
                 with self._lock:
                     self._stopping[task_id] = float("inf")  # killed: wait for it to go
         return poll
+
+
+def _tracked(request: Any) -> bool:
+    """True for a task taskservice tracks (it has a record, and a lease once a
+    worker holds it); the fence leaves every other task of the worker alone."""
+    from taskservice.worker.signals import Tracked  # signals imports this module
+
+    return isinstance(getattr(request, "task", None), Tracked)
 
 
 def _running_pid(request: Any) -> int | None:
@@ -285,7 +306,7 @@ class Heartbeat(bootsteps.StartStopStep):
 
     def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         task_id = getattr(request, "id", None)
-        if task_id and self._fence is not None:
+        if task_id and self._fence is not None and _tracked(request):
             self._fence.arrived(task_id, time.monotonic())
         # Lease it soon rather than at the next beat: a worker dying in
         # between would leave the task waiting for kombu's redelivery.
@@ -309,11 +330,12 @@ class Heartbeat(bootsteps.StartStopStep):
     def beat(self) -> bool:
         """Renew the leases of every task this worker holds, once; False if
         the renewal failed."""
+        seen = time.monotonic()
         running, held = held_tasks()
         held = sorted(set(held) | self._handed_back)
         fence = self._fence
         assert fence is not None
-        fence.keep(running + held)
+        fence.keep(running + held, seen=seen)
         running = [task_id for task_id in running if not fenced(task_id)]
         held = [task_id for task_id in held if not fenced(task_id)]
         if not running and not held:
@@ -324,7 +346,7 @@ class Heartbeat(bootsteps.StartStopStep):
         )
         sent = time.monotonic()
         try:
-            gone = set(reporter.run_bounded(call))
+            renewed = reporter.run_bounded(call)
         except Exception as exc:
             # The leases lapse if this lasts, which is the truth: this worker
             # cannot vouch for its tasks, and the fence stops them in time.
@@ -337,6 +359,8 @@ class Heartbeat(bootsteps.StartStopStep):
         if self._failing_since is not None:
             logger.warning("heartbeat renewed again after %.1fs", sent - self._failing_since)
             self._failing_since = None
+        gone = set(renewed.gone)
+        fence.forget(renewed.unknown)
         fence.vouch([t for t in running + held if t not in gone], sent)
         for task_id in sorted(gone):
             fence.stop(

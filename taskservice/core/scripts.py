@@ -220,6 +220,15 @@ class Expired:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewed:
+    """renew: what the worker must stop or drop (ended LOST, or run by another
+    worker), and the ids without a record (not taskservice's, or expired)."""
+
+    gone: list[str]
+    unknown: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Swept:
     """sweep: the leases looked at, and the tasks ended."""
 
@@ -308,8 +317,9 @@ def _read(reply: Any) -> TaskRecord | None:
     return None if reply is None else TaskRecord.from_json(reply)
 
 
-def _renew(reply: Any) -> list[str]:
-    return [str(task_id) for task_id in reply]
+def _renew(reply: Any) -> Renewed:
+    gone, unknown = reply
+    return Renewed([str(t) for t in gone], [str(t) for t in unknown])
 
 
 def _count(reply: Any) -> int:
@@ -428,10 +438,10 @@ class Scripts:
 
     def renew(
         self, running: Iterable[str], held: Iterable[str], *, worker: str, lease_ms: int
-    ) -> Call[list[str]]:
-        """Renew the leases of the tasks `worker` runs and holds; the ids that
-        are no longer its own (ended LOST, run elsewhere, gone), which it must
-        stop or drop. A lapsed lease is never renewed: its task ends LOST."""
+    ) -> Call[Renewed]:
+        """Renew the leases of the tasks `worker` runs and holds; which of them
+        are no longer its own (to stop or drop) and which have no record. A
+        lapsed lease is never renewed: its task ends LOST."""
         running = list(running)
         leases = [record.leases_key(self.prefix)]
         args = [worker, str(lease_ms), str(len(running)), *running, *held]
