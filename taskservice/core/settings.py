@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     from when the last successful renewal was sent, on the worker's own clock;
     the margin covers the SIGTERM cleanup and a Redis clock running fast.
     Unset: the larger of `heartbeat_interval` and a fifth of `lease` (10 s by
-    default: a worker that cannot reach Redis for 20 s stops its tasks).
-    Below `lease`."""
+    default: a worker that cannot reach Redis stops its tasks 20 s after its
+    last successful renewal, retrying every 2.5 s meanwhile). Below `lease`."""
 
     sweep_interval: float = Field(default=1.0, gt=0)
     """Seconds between each server's sweeps for lapsed leases: a dead worker's
