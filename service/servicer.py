@@ -204,6 +204,7 @@ def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
         sequence=rec.sequence,
         cancel_mode=_RECORDED_CANCEL_MODES.get(rec.cancel, pb.CANCEL_MODE_UNSPECIFIED),
         queue=rec.queue,
+        fencing_token=rec.fencing_token,
     )
     for field, when in (
         (task.create_time, rec.created),

@@ -209,6 +209,8 @@ class Starts:
                 task_id=holder.id,
                 exclusivity_key=key,
             )
+        if claimed.fencing_token:
+            fields["fence"] = str(claimed.fencing_token)
         accepted = TaskRecord.from_fields(fields)
         if push is not None:
             self._records.metrics.tasks_started.labels(cmd.task_name).inc()

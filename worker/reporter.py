@@ -15,7 +15,9 @@ import redis
 import redis.exceptions
 from celery import Celery
 from kombu.utils.json import dumps as json_dumps
+from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.retry import Retry
 from structlog.contextvars import bind_contextvars, bound_contextvars
 
 from taskservice import apps
@@ -61,6 +63,12 @@ class Reporter:
             socket_connect_timeout=settings.redis_timeout,
         )
         self._loaded: dict[str, Script] = {}
+        self.fence_margin = settings.effective_fence_margin
+        # The heartbeat's own client: one attempt per call, each bounded well
+        # within the fence margin, so a hung Redis never holds a renewal (and
+        # the worker's view of its leases) for longer than that.
+        self._bounded_timeout = min(settings.redis_timeout, self.fence_margin / 2)
+        self._bounded_client: redis.Redis | None = None
 
     def run(self, call: Call[R], *, retry_for: float | None = None) -> R:
         """Run a script, retrying while Redis is unreachable (for at most
@@ -81,8 +89,24 @@ class Reporter:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def begin(self, task_id: str, worker: str) -> bool:
-        """Mark the task STARTED by this execution; False if it must not run."""
+    def run_bounded(self, call: Call[R]) -> R:
+        """Run a script once, failing after `fence_margin` / 2 (at most
+        `redis_timeout`) to connect and as much to answer: no retries."""
+        client = self._bounded_client
+        if client is None:
+            client = self._bounded_client = redis.Redis.from_url(
+                self.settings.redis_url,
+                decode_responses=True,
+                socket_timeout=self._bounded_timeout,
+                socket_connect_timeout=self._bounded_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        script = client.register_script(call.script.source)
+        return call.parse(script(keys=call.keys, args=call.args))
+
+    def begin(self, task_id: str, worker: str) -> int | None:
+        """Mark the task STARTED by this execution: its fencing token (0 for
+        a task without a key, or not taskservice's); None if it must not run."""
         run = f"{worker}/{uuid.uuid4().hex}"
         call = self.scripts.start(
             task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
@@ -90,14 +114,16 @@ class Reporter:
         match self.run(call):
             case Over(state):
                 logger.info("task %s already ended (%s); not running it", task_id, state)
-                return False
+                return None
             case RunningElsewhere(other):
                 logger.warning("task %s is running on %s; not running it twice", task_id, other)
-                return False
-            case Began(rec) if rec.exclusivity_key:
-                bind_contextvars(exclusivity_key=rec.exclusivity_key)
+                return None
+            case Began(rec):
+                if rec.exclusivity_key:
+                    bind_contextvars(exclusivity_key=rec.exclusivity_key)
+                return rec.fencing_token
         # Missing: sent to this app by something other than taskservice.
-        return True
+        return 0
 
     def transition(
         self,

@@ -6,14 +6,15 @@ before the task body runs and records its outcome when the body returns or
 raises. It refuses to run a task whose record is already
 terminal (cancelled while queued, lost, finished: a redelivered message) or
 that another execution is running under a live lease, so a task id runs its
-body at most once. It also gives task code `report_progress` and
-`cancel_requested`.
+body at most once. It also gives task code `report_progress`,
+`cancel_requested` and `fencing_token`.
 
 Ends that happen outside the task body are reported from Celery's signals in
 the worker's main process: a pool process that died (LOST), a hard time
 limit, a revoke with terminate, an internal error, a task type the worker
 does not know. `taskservice.worker.heartbeat` renews the leases of the tasks a worker
-holds; whatever cannot be written ends LOST when the lease lapses.
+holds, and stops those it cannot vouch for; whatever cannot be written ends
+LOST when the lease lapses.
 
 Every write retries with backoff for up to `worker_write_retry` seconds, so a
 Redis restart or failover does not lose it.
@@ -49,7 +50,7 @@ from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from taskservice.core import record
 from taskservice.worker import metrics
-from taskservice.worker.heartbeat import Heartbeat
+from taskservice.worker.heartbeat import Heartbeat, fenced
 from taskservice.worker.reporter import TRACKED, reporter_of, tracked
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def track_task(task: Task) -> Task:  # type: ignore[type-arg]
     return task
 
 
+_FENCING_TOKEN = "taskservice_fencing_token"
+
+
 class Tracked(Task):  # type: ignore[type-arg]
     """Keeps the task's record current (see the module)."""
 
@@ -95,8 +99,12 @@ class Tracked(Task):  # type: ignore[type-arg]
         task_id: str | None = request.id
         if not task_id or request.called_directly or reporter is None:
             return super().__call__(*args, **kwargs)
-        if not reporter.begin(task_id, request.hostname or ""):
+        token = reporter.begin(task_id, request.hostname or "")
+        if token is None:
             raise Ignore()
+        # On the request (Celery's per-call context), not the task object,
+        # which the calls of a thread pool share.
+        setattr(request, _FENCING_TOKEN, token)
         began = time.perf_counter()
         try:
             result = super().__call__(*args, **kwargs)
@@ -189,6 +197,15 @@ class Tracked(Task):  # type: ignore[type-arg]
             state="PROGRESS", meta={"current": current, "total": total, "message": message}
         )
 
+    @property
+    def fencing_token(self) -> int:
+        """The running task's fencing token: larger than that of every task
+        started under its exclusivity key before (0 without a key). A store
+        the task writes to can keep the largest token it has seen and refuse
+        writes with a smaller one: a previous holder that still runs (its
+        worker frozen or cut off past its lease) is then refused."""
+        return int(getattr(self.request, _FENCING_TOKEN, 0))
+
     def cancel_requested(self) -> bool:
         """True once Cancel was called for this task. A task may poll this to
         stop early after a graceful cancel (raising any exception ends it
@@ -224,7 +241,7 @@ def _on_failure(
     # nothing); what arrives here first is a pool process that died or a
     # hard time limit.
     reporter = reporter_of(sender.app)
-    if not task_id or exception is None or reporter is None:
+    if not task_id or exception is None or reporter is None or _fenced(task_id):
         return
     fields = {
         "error_type": type(exception).__name__,
@@ -244,7 +261,7 @@ def _on_revoked(
 ) -> None:
     task_id = getattr(request, "id", None)
     reporter = reporter_of(sender.app)
-    if not task_id or reporter is None:
+    if not task_id or reporter is None or _fenced(task_id):
         return
     if terminated and str(signum) in _SOFT_SIGNALS:
         # Celery says "revoked" as soon as it sent SIGTERM, while the task's
@@ -253,6 +270,16 @@ def _on_revoked(
         # lapses (Celery no longer counts it as active) and it ends then.
         return
     reporter.finish(task_id, record.REVOKED, {})
+
+
+def _fenced(task_id: str) -> bool:
+    # This worker stopped (or dropped) the task because it could not vouch
+    # for it: its lease lapses, or has lapsed, and ends it LOST. A write from
+    # here would be late (and is bounded only by worker_write_retry).
+    reason = fenced(task_id)
+    if reason:
+        logger.warning("task %s stopped by this worker: %s; it ends LOST", task_id, reason)
+    return bool(reason)
 
 
 _SOFT_SIGNALS = frozenset({str(int(signal.SIGTERM)), "SIGTERM", "TERM"})

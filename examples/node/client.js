@@ -197,13 +197,14 @@ export const TERMINAL_STATES = new Set([
 ]);
 
 /** A taskservice.v1.Task as proto-loader gives it, as a plain object:
- * `sequence` a number, timestamps Dates (or null), `result` a plain JS value
+ * `sequence` and `fencing_token` numbers, timestamps Dates (or null), `result` a plain JS value
  * (undefined unless outcome is 'result'), `error` {type, message, traceback}
  * or null. */
 export function toPlainTask(task) {
   return {
     ...task,
     sequence: toSafeNumber(task.sequence),
+    fencing_token: toSafeNumber(task.fencing_token ?? '0'),
     result: task.outcome === 'result' ? fromValue(task.result) : undefined,
     error: task.outcome === 'error' ? task.error : null,
     create_time: timestampToDate(task.create_time),

@@ -55,6 +55,9 @@ class Task:
     scheduled_time: datetime.datetime | None = None
     already_existed: bool = False
     """True when Start returned a task already running under the key."""
+    fencing_token: int = 0
+    """Larger than the token of every task started under its exclusivity key
+    before it (the task's body has it as `self.fencing_token`); 0 without a key."""
     message: pb.Task = field(default_factory=pb.Task, repr=False, compare=False)
     """The message as received."""
 
@@ -99,6 +102,7 @@ class Task:
             end_time=when("end_time"),
             scheduled_time=when("scheduled_time"),
             already_existed=already_existed,
+            fencing_token=message.fencing_token,
             message=message,
         )
 

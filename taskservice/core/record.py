@@ -16,6 +16,11 @@ Keys:
                                             latest task started under the key.
                                             The key is held while that task is
                                             active; a terminal state frees it.
+    <prefix>:fence:{<exclusivity key>} STRING the key's last fencing token:
+                                            each claim of the key records a
+                                            larger one on its task's record
+                                            (max(last + 1, Redis's clock in ms),
+                                            so it grows even after this expired)
     <prefix>:leases                  ZSET   task id -> lease deadline (ms, Redis
                                             clock) of every task whose liveness
                                             someone must prove: running tasks
@@ -122,6 +127,11 @@ def holder_key(prefix: str, exclusivity_key: str) -> str:
     return f"{prefix}:key:{{{exclusivity_key}}}"
 
 
+def fence_key(prefix: str, exclusivity_key: str) -> str:
+    """The Redis key of an exclusivity key's last fencing token (a string)."""
+    return f"{prefix}:fence:{{{exclusivity_key}}}"
+
+
 def log_key(prefix: str, task_id: str) -> str:
     """The Redis key of a task's change log (a list)."""
     return f"{prefix}:log:{{{task_id}}}"
@@ -190,6 +200,9 @@ class TaskRecord:
     error: ErrorInfo | None
     progress: Progress | None
     cancel: str
+    fencing_token: int = 0
+    """Larger than the token of every task claimed under its exclusivity key
+    before it; 0 without a key."""
     publishing: bool = False
     """Its Start has not yet confirmed that the broker has the message."""
     fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -263,6 +276,7 @@ class TaskRecord:
             error=error,
             progress=progress,
             cancel=fields.get("cancel", ""),
+            fencing_token=int(fields.get("fence", "0")),
             publishing="publishing" in fields,
             fields=fields,
         )

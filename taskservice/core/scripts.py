@@ -101,6 +101,9 @@ class Claimed:
     """claim: the task is the key's holder now (and its message is on the broker
     list when the claim pushed it)."""
 
+    fencing_token: int = 0
+    """Its fencing token, on its record too (0 without an exclusivity key)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Held:
@@ -217,6 +220,15 @@ class Expired:
 
 
 @dataclass(frozen=True, slots=True)
+class Renewed:
+    """renew: what the worker must stop or drop (ended LOST, or run by another
+    worker), and the ids without a record (not taskservice's, or expired)."""
+
+    gone: list[str]
+    unknown: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Swept:
     """sweep: the leases looked at, and the tasks ended."""
 
@@ -248,7 +260,7 @@ def _claim(reply: Any) -> Claimed | Held | Repeat | Reused:
         return Repeat(detail)
     if status == "reused":
         return Reused()
-    return Claimed()
+    return Claimed(int(detail or 0))
 
 
 def _confirm(reply: Any) -> Confirmed | Moved | Missing:
@@ -305,8 +317,9 @@ def _read(reply: Any) -> TaskRecord | None:
     return None if reply is None else TaskRecord.from_json(reply)
 
 
-def _renew(reply: Any) -> list[str]:
-    return [str(task_id) for task_id in reply]
+def _renew(reply: Any) -> Renewed:
+    gone, unknown = reply
+    return Renewed([str(t) for t in gone], [str(t) for t in unknown])
 
 
 def _count(reply: Any) -> int:
@@ -360,13 +373,15 @@ class Scripts:
         push: tuple[str, str] | None = None,
     ) -> Call[Claimed | Held | Repeat | Reused]:
         """Make the new task (`fields`) the holder of `exclusivity_key` unless
-        an unfinished task holds it. With `push` (broker list, message), the
-        message is enqueued in the same step; without, the claim carries a
-        provisional lease until `confirm` (or `abandon`)."""
+        an unfinished task holds it, with a fencing token above every earlier
+        holder's. With `push` (broker list, message), the message is enqueued
+        in the same step; without, the claim carries a provisional lease until
+        `confirm` (or `abandon`)."""
         task_id = fields["id"]
         keys = [record.task_key(self.prefix, task_id)]
         if exclusivity_key:
             keys.append(record.holder_key(self.prefix, exclusivity_key))
+            keys.append(record.fence_key(self.prefix, exclusivity_key))
         if request is None:
             request_args = ["", "", "0"]
         else:
@@ -423,9 +438,10 @@ class Scripts:
 
     def renew(
         self, running: Iterable[str], held: Iterable[str], *, worker: str, lease_ms: int
-    ) -> Call[list[str]]:
-        """Renew the leases of the tasks `worker` runs and holds; the ids it
-        no longer may renew."""
+    ) -> Call[Renewed]:
+        """Renew the leases of the tasks `worker` runs and holds; which of them
+        are no longer its own (to stop or drop) and which have no record. A
+        lapsed lease is never renewed: its task ends LOST."""
         running = list(running)
         leases = [record.leases_key(self.prefix)]
         args = [worker, str(lease_ms), str(len(running)), *running, *held]

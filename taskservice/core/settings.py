@@ -71,6 +71,16 @@ class Settings(BaseSettings):
     older than `lease`, when the worker can no longer vouch for its tasks (a
     liveness probe). Empty: none."""
 
+    fence_margin: float | None = Field(default=None, gt=0)
+    """Seconds before a task's lease could lapse at which a worker that could
+    not renew it stops the task (SIGTERM, and SIGKILL half the margin later),
+    so that the body is gone before the key's next holder can start. Counted
+    from when the last successful renewal was sent, on the worker's own clock;
+    the margin covers the SIGTERM cleanup and a Redis clock running fast.
+    Unset: the larger of `heartbeat_interval` and a fifth of `lease` (10 s by
+    default: a worker that cannot reach Redis stops its tasks 20 s after its
+    last successful renewal, retrying every 2.5 s meanwhile). Below `lease`."""
+
     sweep_interval: float = Field(default=1.0, gt=0)
     """Seconds between each server's sweeps for lapsed leases: a dead worker's
     task ends LOST within `lease` + `sweep_interval`."""
@@ -221,6 +231,22 @@ class Settings(BaseSettings):
                 f"lease ({self.lease:g}s), or a slow renewal lets a live task's lease lapse"
             )
         return self
+
+    @model_validator(mode="after")
+    def _fence_within_lease(self) -> Settings:
+        if self.fence_margin is not None and self.fence_margin >= self.lease:
+            raise ValueError(
+                f"fence_margin ({self.fence_margin:g}s) must be below lease ({self.lease:g}s): "
+                "a worker would stop every task before its first renewal"
+            )
+        return self
+
+    @property
+    def effective_fence_margin(self) -> float:
+        """fence_margin, else the larger of heartbeat_interval and lease / 5."""
+        if self.fence_margin is not None:
+            return self.fence_margin
+        return max(self.heartbeat_interval, self.lease / 5)
 
     @property
     def provisional_lease(self) -> float:

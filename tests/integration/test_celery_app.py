@@ -108,6 +108,24 @@ async def test_kill_cancel_of_a_running_team_task_stops_it(
     assert not marker.exists(), "the task ran on after a KILL answered CANCELLED"
 
 
+async def test_a_team_task_taskservice_never_started_runs_past_the_lease_untouched(
+    team_stub: pb_grpc.TaskServiceStub, settings: Settings, tmp_path: Path
+) -> None:
+    # It has no record and no lease: the heartbeat's renewals find nothing,
+    # and the worker's fence must leave it alone.
+    marker = tmp_path / "written"
+    sender = Celery("team-sender", broker=TEAM_ENV["TEAM_BROKER_URL"], set_as_current=False)
+    seconds = settings.lease * 1.5
+    await asyncio.to_thread(
+        sender.send_task, "team.unexposed", (str(marker), seconds), queue="team-work"
+    )
+    for _ in range(int((seconds + 10) / 0.1)):
+        if marker.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert marker.exists(), "the team's own task was stopped"
+
+
 def test_the_team_apps_task_events_setting_is_left_as_it_is(
     team_stub: pb_grpc.TaskServiceStub, team_worker: Path
 ) -> None:

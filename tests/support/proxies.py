@@ -115,3 +115,44 @@ class StallingProxy(_Proxy):
                 dst.close()
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+class HoldingProxy(_Proxy):
+    """Forwards to a server; between `hold()` and `release()` it forwards
+    nothing, on connections old and new, and then delivers everything held
+    back, in order (a link that stalls and recovers: TCP delivers late what
+    was sent meanwhile, even by a client that has given up and closed)."""
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__()
+        self.target_port = target_port
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()  # nothing stays held back for ever
+        await super().__aexit__(*exc)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.append(up_writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    await self._flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                await self._flowing.wait()
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))

@@ -142,3 +142,47 @@ def flood(self: TrackedTask, count: int, size: int = 0, pause: float = 0) -> int
         if pause:
             time.sleep(pause)
     return count
+
+
+FENCED_SET = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'token') or '0')
+if tonumber(ARGV[1]) < stored then return 0 end
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'value', ARGV[2])
+return 1
+"""
+"""Write `value` unless a holder with a higher fencing token wrote before
+(the README's example of a store that refuses stale writers)."""
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.ticks")
+def ticks(
+    self: TrackedTask, path: str, seconds: float, store_url: str = "", store_key: str = ""
+) -> int:
+    """For `seconds`, every 50 ms, and once more in `finally:` (whatever stops
+    the body): append "<task id> <fencing token> <pid> <time> <accepted>" to
+    `path`, where accepted says whether the store at `store_url` took a write
+    fenced by the token (1), refused it (0), or there is no store (-)."""
+    import redis
+
+    token = self.fencing_token
+    store = redis.Redis.from_url(store_url, socket_timeout=5) if store_url else None
+    fenced_set = store.register_script(FENCED_SET) if store else None
+
+    def tick() -> None:
+        accepted = "-"
+        if fenced_set is not None:
+            accepted = str(fenced_set(keys=[store_key], args=[token, self.request.id]))
+        with open(path, "a") as log:
+            log.write(f"{self.request.id} {token} {os.getpid()} {time.time():.3f} {accepted}\n")
+
+    count = 0
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            tick()
+            count += 1
+            time.sleep(0.05)
+    finally:
+        tick()  # e.g. a cleanup that saves where it got to
+    return count

@@ -49,3 +49,12 @@ def write_after(self: Task, path: str, seconds: float) -> str:  # type: ignore[t
     time.sleep(seconds)
     Path(path).write_text("written")
     return "written"
+
+
+@app.task(name="team.unexposed")
+def unexposed(path: str, seconds: float) -> str:
+    """A task of the team's that taskservice never starts (no record, no
+    lease): write `path` after `seconds`."""
+    time.sleep(seconds)
+    Path(path).write_text("written")
+    return "written"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,7 @@ class Store:
             task_id, "t", exclusivity_key=key, queue="q", scheduled=None
         )
         claimed = self.run(self.scripts.claim(fields, exclusivity_key=key, provisional_ms=lease_ms))
-        assert claimed == Claimed()
+        assert isinstance(claimed, Claimed)
         if confirm:
             assert self.run(self.scripts.confirm(task_id)) == Confirmed()
         return task_id
@@ -122,8 +123,9 @@ def test_claim_of_a_held_key_writes_nothing_and_names_the_holder(store: Store) -
 def test_a_claim_sent_twice_is_applied_once(store: Store) -> None:
     fields = record.new_record_fields("t-1", "t", exclusivity_key="k", queue="q", scheduled=None)
     call = store.scripts.claim(fields, exclusivity_key="k", provisional_ms=LONG)
-    assert store.run(call) == Claimed()
-    assert store.run(call) == Claimed()  # a retry after a dropped connection
+    first = store.run(call)
+    assert isinstance(first, Claimed) and first.fencing_token > 0
+    assert store.run(call) == first  # a retry after a dropped connection: the same token
     assert store.holder("k") == "t-1"
 
 
@@ -143,6 +145,94 @@ def test_claim_ends_a_holder_whose_lease_lapsed_and_takes_the_key(store: Store) 
     assert lost.error is not None and lost.error.type == "WorkerLostError"
     assert "w1 stopped heartbeating" in lost.error.message
     assert store.lease(dead) is None
+
+
+# -- fencing tokens ----------------------------------------------------------
+
+
+def claim(store: Store, key: str, *, lease_ms: int = LONG) -> tuple[str, int]:
+    """A new task claimed under `key`: its id and fencing token."""
+    task_id = str(uuid.uuid4())
+    fields = record.new_record_fields(task_id, "t", exclusivity_key=key, queue="q", scheduled=None)
+    claimed = store.run(store.scripts.claim(fields, exclusivity_key=key, provisional_ms=lease_ms))
+    assert isinstance(claimed, Claimed), claimed
+    assert store.rec(task_id).fencing_token == claimed.fencing_token  # kept on the record
+    return task_id, claimed.fencing_token
+
+
+def finish(store: Store, task_id: str, end: str = record.SUCCESS) -> None:
+    store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, end))
+
+
+def test_each_claim_of_a_key_gets_a_larger_fencing_token_than_every_earlier_one(
+    store: Store,
+) -> None:
+    tokens = []
+    for end in (record.SUCCESS, record.FAILURE, record.REVOKED, record.LOST, record.SUCCESS):
+        task_id, token = claim(store, "k")
+        tokens.append(token)
+        finish(store, task_id, end)
+    assert tokens == sorted(set(tokens)) and tokens[0] > 0
+    # A refused claim takes no token; the next claim's still grows.
+    holder, token = claim(store, "k")
+    fields = record.new_record_fields("x-1", "t", exclusivity_key="k", queue="q", scheduled=None)
+    assert isinstance(
+        store.run(store.scripts.claim(fields, exclusivity_key="k", provisional_ms=1)), Held
+    )
+    finish(store, holder)
+    assert claim(store, "k")[1] > token
+
+
+def test_fencing_tokens_grow_per_key_and_a_task_without_a_key_has_none(store: Store) -> None:
+    first = claim(store, "a")[1]
+    assert claim(store, "")[1] == 0  # nothing to fence against
+    assert store.rec(claim(store, "")[0]).fencing_token == 0
+    other = claim(store, "b")[1]
+    assert other > 0
+    finish(store, store.holder("a") or "")
+    assert claim(store, "a")[1] > first
+
+
+def test_the_fencing_token_still_grows_once_the_holders_record_and_counter_expired(
+    store: Store,
+) -> None:
+    task_id, token = claim(store, "k")
+    finish(store, task_id)
+    expiring = [
+        record.task_key(store.prefix, task_id),
+        record.log_key(store.prefix, task_id),
+        record.holder_key(store.prefix, "k"),
+        record.fence_key(store.prefix, "k"),
+    ]
+    for name in expiring:
+        store.client.pexpire(name, 1)
+    for _ in range(200):  # Redis expires them (lazily on access, actively within ms)
+        if not any(store.client.exists(name) for name in expiring):
+            break
+        time.sleep(0.01)
+    assert not any(store.client.exists(name) for name in expiring)
+    assert claim(store, "k")[1] > token
+
+
+def test_a_fencing_counter_ahead_of_the_clock_still_grows_by_one(store: Store) -> None:
+    # E.g. issued by a primary whose clock ran ahead, before a failover.
+    ahead = 10**13
+    store.client.set(record.fence_key(store.prefix, "k"), ahead)
+    assert claim(store, "k")[1] == ahead + 1
+
+
+def test_the_taker_of_a_lapsed_holders_key_gets_a_larger_token(store: Store) -> None:
+    dead, dead_token = claim(store, "k")
+    store.run(store.scripts.start(dead, worker="w1", run="r1", lease_ms=LAPSED, when=1.0))
+    taker, taker_token = claim(store, "k")
+    assert store.rec(dead).state == record.LOST and store.holder("k") == taker
+    assert taker_token > dead_token
+    # A Start abandoned after its claim gave the key back; its token is not reused.
+    finish(store, taker)
+    abandoned, abandoned_token = claim(store, "k")
+    store.run(store.scripts.abandon(abandoned, "broker down"))
+    assert store.holder("k") == taker
+    assert claim(store, "k")[1] > abandoned_token > taker_token
 
 
 # -- confirm and abandon -----------------------------------------------------
@@ -224,6 +314,14 @@ def test_start_of_an_ended_task_is_refused(store: Store, end: str) -> None:
     store.run(store.scripts.transition(task_id, record.ACTIVE_STATES, end))
     again = store.scripts.start(task_id, worker="w", run="r9", lease_ms=LONG, when=1.0)
     assert store.run(again) == Over(end)
+
+
+def test_start_of_a_held_task_whose_lease_lapsed_ends_it_lost(store: Store) -> None:
+    task_id = store.new("k")
+    store.run(store.scripts.renew([], [task_id], worker="w1", lease_ms=LAPSED))
+    call = store.scripts.start(task_id, worker="w1", run="r1", lease_ms=LONG, when=1.0)
+    assert store.run(call) == Over(record.LOST)  # never started after its lease lapsed
+    assert store.holder("k") == task_id and store.rec(task_id).state == record.LOST
 
 
 def test_start_of_an_unknown_task_says_missing(store: Store) -> None:
@@ -320,12 +418,35 @@ def test_renew_covers_only_what_the_worker_runs_or_holds(store: Store) -> None:
     retrying = store.started(worker="w1")
     store.run(store.scripts.transition(retrying, {record.STARTED}, record.PENDING))
     store.run(store.scripts.release([retrying]))
+    lost = store.started(worker="w1")
+    store.run(store.scripts.transition(lost, record.ACTIVE_STATES, record.LOST))
+    held_lost = store.new()
+    store.run(store.scripts.transition(held_lost, record.ACTIVE_STATES, record.LOST))
+    before = {task_id: store.lease(task_id) for task_id in (theirs, unconfirmed)}
     call = store.scripts.renew(
-        [mine, theirs, done, retrying], [held, unconfirmed], worker="w1", lease_ms=LONG
+        [mine, theirs, done, retrying, lost, "gone-1"],
+        [held, unconfirmed, held_lost],
+        worker="w1",
+        lease_ms=LONG * 2,
     )
-    assert sorted(store.run(call)) == sorted([theirs, done, retrying, unconfirmed])
-    assert store.lease(held) is not None
+    renewed = store.run(call)
+    # What the worker must stop or drop: no longer its own.
+    assert sorted(renewed.gone) == sorted([theirs, lost, held_lost])
+    assert renewed.unknown == ["gone-1"]  # not taskservice's (or expired): left alone
+    assert store.lease(mine) is not None and store.lease(held) is not None
+    assert {t: store.lease(t) for t in before} == before  # not renewed by w1
     assert store.lease(retrying) is None  # back in the broker: no lease
+    assert store.lease(done) is None
+
+
+def test_renew_never_revives_a_lapsed_lease(store: Store) -> None:
+    running = store.started(worker="w1", lease_ms=LAPSED)
+    held = store.new()
+    store.run(store.scripts.renew([], [held], worker="w1", lease_ms=LAPSED))
+    call = store.scripts.renew([running], [held], worker="w1", lease_ms=LONG)
+    assert sorted(store.run(call).gone) == sorted([running, held])
+    assert {store.rec(running).state, store.rec(held).state} == {record.LOST}
+    assert store.lease(running) is None and store.lease(held) is None
 
 
 def test_release_drops_only_the_leases_of_unstarted_tasks(store: Store) -> None:

@@ -8,6 +8,12 @@ local now = now_ms()
 local id = ARGV[3]
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {'missing', ''} end
+if state == 'PENDING' and lapsed(id, now) then
+  -- Held unstarted by a worker that stopped renewing it (or never confirmed
+  -- in the broker): it ended, though nothing had swept it yet.
+  expire(KEYS[1], id, state, now)
+  return {'ended', redis.call('HGET', KEYS[1], 'state')}
+end
 if state == 'PENDING' then
   redis.call('HSET', KEYS[1], 'state', 'STARTED', 'worker', ARGV[4], 'run', ARGV[5],
     'started', ARGV[7])

@@ -215,6 +215,7 @@ class Task(_message.Message):
     CANCEL_MODE_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The task id, a UUID (the Celery task id)."""
     task_name: _builtins.str
@@ -237,6 +238,17 @@ class Task(_message.Message):
     """The cancel mode requested by Cancel; UNSPECIFIED if never cancelled."""
     queue: _builtins.str
     """The queue the task was sent to."""
+    fencing_token: _builtins.int
+    """The fencing token of the task's claim on its exclusivity key: larger
+    than the token of every task started under that key before it, so a
+    store the task writes to can refuse the writes of an earlier holder that
+    still runs (its worker frozen or cut off past its lease) by keeping the
+    largest token it has seen and refusing smaller ones. Task code reads it
+    as `self.fencing_token`. Only comparisons mean anything (today it is
+    Redis's clock in milliseconds at the claim, or one more than the
+    previous token if that is larger). 0 for a task without an exclusivity
+    key: nothing to fence against.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
         """The return value of a SUCCEEDED task (JSON types: integers arrive as
@@ -290,10 +302,11 @@ class Task(_message.Message):
         cancel_mode: Global___CancelMode.ValueType = ...,
         queue: _builtins.str = ...,
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
+        fencing_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "outcome", b"outcome", "progress", b"progress", "result", b"result", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_mode", b"cancel_mode", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "exclusivity_key", b"exclusivity_key", "id", b"id", "outcome", b"outcome", "progress", b"progress", "queue", b"queue", "result", b"result", "scheduled_time", b"scheduled_time", "sequence", b"sequence", "start_time", b"start_time", "state", b"state", "task_name", b"task_name", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_mode", b"cancel_mode", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "exclusivity_key", b"exclusivity_key", "fencing_token", b"fencing_token", "id", b"id", "outcome", b"outcome", "progress", b"progress", "queue", b"queue", "result", b"result", "scheduled_time", b"scheduled_time", "sequence", b"sequence", "start_time", b"start_time", "state", b"state", "task_name", b"task_name", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
