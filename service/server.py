@@ -86,7 +86,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         gate.refuse()
         await self.operations.hub.close()  # watch streams end UNAVAILABLE/SHUTTING_DOWN
-        if not await gate.idle(until):
+        if not await gate.idle(until) and grace:
             logger.warning(
                 "%d calls still running after the shutdown grace (%.1fs): they answer UNAVAILABLE",
                 gate.in_flight,
