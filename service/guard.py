@@ -12,9 +12,9 @@ the drain gate.
   invalid UTF-8, JSON nested deeper than protobuf's recursion limit) answers
   INVALID_ARGUMENT saying why, instead of gRPC's UNKNOWN "Unexpected
   DecodeError" raised before any handler runs.
-- The gate counts the calls in flight; once the server drains, new calls
-  answer UNAVAILABLE/SHUTTING_DOWN at once while those already admitted
-  finish.
+- The drain gate (taskservice.server.drain) counts the admitted calls; once
+  the server drains, a new call answers UNAVAILABLE/SHUTTING_DOWN, at once or,
+  near the end of the drain, when the port closes.
 - Whatever a handler raises leaves as its gRPC status (status.to_status).
 - Every answer is counted by method and code, unary ones timed, open
   streams gauged (taskservice.core.metrics); the label children are resolved when
@@ -42,6 +42,7 @@ from taskservice.core import errors
 from taskservice.core.metrics import ServerMetrics
 from taskservice.server import auth
 from taskservice.server.auth import Tokens
+from taskservice.server.drain import Gate, Phase, shutting_down
 from taskservice.server.status import to_status
 
 if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
@@ -50,9 +51,6 @@ if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
 Context = grpc.aio.ServicerContext[Any, Any]
 
 logger = logging.getLogger(__name__)
-
-QUIET = 0.1
-"""Seconds without a new call after which a draining server stops."""
 
 _DECODE_REASONS = (
     (
@@ -116,13 +114,15 @@ class Guard:
     """The call policy of one server: tokens, decoding, the drain gate."""
 
     def __init__(
-        self, tokens: Tokens | None = None, *, metrics: ServerMetrics | None = None
+        self,
+        tokens: Tokens | None = None,
+        *,
+        metrics: ServerMetrics | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._tokens = tokens
         self._metrics = metrics or ServerMetrics(per_call=False)
-        self._draining = False
-        self._in_flight = 0
-        self._last_call = 0.0
+        self.gate = gate or Gate()
 
     def add(self, server: grpc.aio.Server, register: Callable[[Any], None]) -> None:
         """Add a service to `server`, each method guarded. `register` is a
@@ -138,38 +138,24 @@ class Guard:
         )
         server.add_registered_method_handlers(capture.service, guarded)
 
-    def drain(self) -> None:
-        """From now on, refuse new calls (UNAVAILABLE/SHUTTING_DOWN)."""
-        self._draining = True
-
-    async def drained(self, within: float) -> bool:
-        """Wait up to `within` seconds until the admitted calls have finished
-        and no call has arrived for QUIET seconds. gRPC's own stop cancels the
-        calls it holds but has not yet handed to the server (CANCELLED, not
-        retryable); a quiet moment means it holds none."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + within
-        while self._in_flight or loop.time() - self._last_call < QUIET:
-            if loop.time() >= until:
-                return False
-            await asyncio.sleep(0.01)
-        return True
-
-    def _refusal(
+    async def _refusal(
         self, method: str, request: Any, context: Context
     ) -> errors.TaskServiceError | None:
-        """Why this call may not proceed; None if it may (then it is admitted)."""
-        self._last_call = asyncio.get_running_loop().time()
+        """Why this call may not proceed; None if it may (then it is admitted
+        and counted in the gate until it ends)."""
+        refusal: errors.TaskServiceError | None = None
         if self._tokens is not None:
             refusal = self._tokens.refusal(method, context.invocation_metadata())
-            if refusal is not None:
-                return refusal
-        if isinstance(request, Undecodable):
-            return errors.InvalidArgument(request.reason)
-        if self._draining:
-            return errors.ShuttingDown("the server is shutting down; call again (another server)")
-        self._in_flight += 1
-        return None
+        if refusal is None and isinstance(request, Undecodable):
+            refusal = errors.InvalidArgument(request.reason)
+        if self.gate.draining:
+            # Every answer of a draining server, a refusal for a bad token
+            # included, waits while the gate holds calls.
+            shutting_down = await self.gate.turn_away(context.time_remaining())
+            return refusal or shutting_down
+        if refusal is None:
+            self.gate.enter()
+        return refusal
 
     def _wrap(self, method: str, name: str, handler: Handler) -> Handler:
         if auth.needed(method) is None:
@@ -184,7 +170,7 @@ class Guard:
 
             async def unary(request: Any, context: Context) -> Any:
                 began = clock()
-                refusal = self._refusal(method, request, context)
+                refusal = await self._refusal(method, request, context)
                 if refusal is not None:
                     status = to_status(refusal)
                     answered(status.code, clock() - began)
@@ -203,7 +189,7 @@ class Guard:
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
-                    self._in_flight -= 1
+                    self.gate.leave()
                     answered(code, clock() - began)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -216,7 +202,7 @@ class Guard:
             open_streams = self._metrics.watch_streams
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                refusal = self._refusal(method, request, context)
+                refusal = await self._refusal(method, request, context)
                 if refusal is not None:
                     status = to_status(refusal)
                     ended(status.code, 0.0)
@@ -241,23 +227,34 @@ class Guard:
                     code = status.code
                     await context.abort_with_status(status)
                 finally:
-                    self._in_flight -= 1
+                    self.gate.leave()
                     open_streams.dec()
                     ended(code, 0.0)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=deserializer, response_serializer=serializer
             )
-        if handler.stream_stream is not None:  # reflection: only tokens apply
+        if handler.stream_stream is not None:  # reflection: tokens and the drain apply
             bidi: Any = handler.stream_stream
 
             async def both(requests: Any, context: Context) -> AsyncIterator[Any]:
+                refusal = None
                 if self._tokens is not None:
                     refusal = self._tokens.refusal(method, context.invocation_metadata())
-                    if refusal is not None:
-                        await context.abort_with_status(to_status(refusal))
-                async for response in _responses(bidi(requests, context)):
+                if self.gate.draining:
+                    # Waits while the gate holds calls.
+                    shutting = await self.gate.turn_away(context.time_remaining())
+                    refusal = refusal or shutting
+                if refusal is not None:
+                    await context.abort_with_status(to_status(refusal))
+                # The client decides when a reflection stream ends; a
+                # closing server ends it (after gRPC's GOAWAY) rather than
+                # wait for the client until the grace runs out.
+                responses = _responses(bidi(requests, context))
+                async for response in _until_closing(responses, self.gate):
                     yield response
+                if self.gate.phase is Phase.CLOSED:
+                    await context.abort_with_status(to_status(shutting_down()))
 
             return grpc.stream_stream_rpc_method_handler(
                 both,
@@ -282,6 +279,8 @@ class Guard:
         answered = self._metrics.rpc(name, timed=False)
 
         async def refuse(request: Any, context: Context) -> None:
+            if self.gate.draining:
+                await self.gate.arrive(context.time_remaining())
             answered(status.code, 0.0)
             await context.abort_with_status(status)
 
@@ -324,3 +323,22 @@ async def _responses(outcome: Any) -> AsyncIterator[Any]:
             yield response
     else:
         await outcome
+
+
+async def _until_closing(responses: AsyncIterator[Any], gate: Gate) -> AsyncIterator[Any]:
+    """`responses` until they end, or until the gate closes the port."""
+    closing = asyncio.ensure_future(gate.closing())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(responses))
+            await asyncio.wait({following, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                return
+            try:
+                response = following.result()
+            except StopAsyncIteration:
+                return
+            yield response
+    finally:
+        closing.cancel()

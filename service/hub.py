@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from taskservice.core.errors import RedisUnavailable
+from taskservice.core.errors import RedisUnavailable, ShuttingDown
 from taskservice.core.record import TaskRecord
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,9 @@ class EventHub:
         """A mailbox receiving every change of `task_id` published from now on.
 
         Raises RedisUnavailable while the subscription is down, since changes
-        could then be missed."""
+        could then be missed, and ShuttingDown once the hub is closing."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down; watch again to resume")
         if not self.connected:
             raise RedisUnavailable("not subscribed to task events (Redis unreachable); retry")
         mailbox = Mailbox()

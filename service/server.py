@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import redis.asyncio as aioredis
 import redis.exceptions
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
@@ -25,7 +25,9 @@ from taskservice.core.metrics import serve as serve_metrics
 from taskservice.core.registry import EXPOSED, NotTrackable
 from taskservice.core.settings import Settings
 from taskservice.server.auth import Token, Tokens, load_tokens
+from taskservice.server.drain import Gate
 from taskservice.server.guard import Guard
+from taskservice.server.health import HealthServicer
 from taskservice.server.hub import EventHub
 from taskservice.server.operations import Operations
 from taskservice.server.publisher import Publisher, create_publisher
@@ -41,6 +43,10 @@ LIVENESS = "liveness"
 """The health service name that is SERVING while the server runs, whatever
 Redis says, until it drains: for liveness probes (the server's own names
 follow Redis, for readiness). Served with `health_port`."""
+
+CLOSE_GRACE = 1.0
+"""Seconds the calls held during a drain get to be answered once gRPC's stop
+has begun (at most the whole grace)."""
 
 
 class StartupError(Exception):
@@ -62,28 +68,45 @@ class Server:
     server: grpc.aio.Server
     port: int
     operations: Operations
-    health: health.aio.HealthServicer
+    health: HealthServicer
     guard: Guard
     metrics_endpoint: Endpoint | None = None
     health_server: grpc.aio.Server | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: health turns NOT_SERVING, new calls answer UNAVAILABLE,
-        watch streams end with UNAVAILABLE/SHUTTING_DOWN, calls already
-        admitted get `grace` seconds to finish; then close everything."""
+        """Drain, then close everything. Health turns NOT_SERVING; new calls
+        answer UNAVAILABLE/SHUTTING_DOWN (call again, elsewhere); watch streams
+        end so; calls already admitted get up to `grace` seconds to finish.
+        Then the port closes, at a moment when no call is on its way, so that
+        gRPC cancels none (taskservice.server.drain has the steps)."""
         loop = asyncio.get_running_loop()
-        until = loop.time() + (grace or 0)
+        grace = grace or 0.0
+        until = loop.time() + grace
+        gate = self.guard.gate
         for task in self._tasks:
             task.cancel()
-        # Tell health watchers first, so load balancers stop sending calls.
+        # Health watchers hear it first: clients that check health (and load
+        # balancers) stop sending calls here.
         await self.health.enter_graceful_shutdown()
-        self.guard.drain()
-        await self.operations.hub.close()
-        # gRPC's own stop cancels calls it has received but not yet handed
-        # to a handler; refusing them ourselves first leaves it none.
-        await self.guard.drained(max(0.0, until - loop.time()))
-        await self.server.stop(max(0.0, until - loop.time()))
+        gate.refuse()
+        await self.operations.hub.close()  # watch streams end UNAVAILABLE/SHUTTING_DOWN
+        if not await gate.idle(until) and grace:
+            logger.warning(
+                "%d calls still running after the shutdown grace (%.1fs): they answer UNAVAILABLE",
+                gate.in_flight,
+                grace,
+            )
+        gate.hold()
+        await gate.quiet(until)
+        # The first step of gRPC's stop stops listening and queues a GOAWAY on
+        # every connection (grpc_server_shutdown_and_notify); the held calls
+        # are answered after it, so their clients call again elsewhere.
+        closing = max(until - loop.time(), min(grace, CLOSE_GRACE))
+        stopping = asyncio.ensure_future(self.server.stop(closing))
+        await asyncio.sleep(0)  # lets that first step run
+        gate.close()
+        await stopping
         if self.health_server is not None:  # NOT_SERVING on it until here
             await self.health_server.stop(0)
         await self.operations.close()
@@ -137,7 +160,8 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     metrics = ServerMetrics(metrics_registry, per_call=served)
     operations = Operations.build(settings, EXPOSED, publisher, link, hub, metrics=metrics)
 
-    guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics)
+    gate = Gate()
+    guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics, gate=gate)
     server = grpc.aio.server(options=server_options(settings))
     servicer = TaskServiceServicer(
         operations,
@@ -145,7 +169,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         max_response_bytes=settings.max_response_bytes,
     )
     guard.add(server, functools.partial(pb_grpc.add_TaskServiceServicer_to_server, servicer))
-    health_servicer = health.aio.HealthServicer()  # unguarded: probes always get an answer
+    health_servicer = HealthServicer(gate)  # unguarded: probes need no token
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
@@ -205,7 +229,7 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     return running
 
 
-def health_only_server(settings: Settings, servicer: health.aio.HealthServicer) -> grpc.aio.Server:
+def health_only_server(settings: Settings, servicer: HealthServicer) -> grpc.aio.Server:
     """A server (not started) answering `servicer` and nothing else, in
     plaintext on `settings.host:settings.health_port`: kubelet's gRPC probes
     present no client certificate, so under mutual TLS they need this port.
@@ -286,7 +310,7 @@ def events_client_name(settings: Settings) -> str:
     return f"{settings.key_prefix}:events"
 
 
-async def _report_health(operations: Operations, servicer: health.aio.HealthServicer) -> None:
+async def _report_health(operations: Operations, servicer: HealthServicer) -> None:
     ok = await operations.ping()
     status = (
         health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -295,9 +319,7 @@ async def _report_health(operations: Operations, servicer: health.aio.HealthServ
         await servicer.set(name, status)
 
 
-async def _health_loop(
-    operations: Operations, servicer: health.aio.HealthServicer, interval: float
-) -> None:
+async def _health_loop(operations: Operations, servicer: HealthServicer, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:

@@ -124,10 +124,10 @@ def start_worker(
 
 
 def start_server_process(
-    log: Path, env: dict[str, str] | None = None
+    log: Path, env: dict[str, str] | None = None, *, port: int = 0
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """`python -m taskservice serve` in its own process group, on a free port."""
-    port = free_port()
+    """`python -m taskservice serve` in its own process group, on `port` (0: a free one)."""
+    port = port or free_port()
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "taskservice", "serve"],

@@ -349,7 +349,11 @@ class Heartbeat(bootsteps.StartStopStep):
         running = [task_id for task_id in running if not fenced(task_id)]
         held = [task_id for task_id in held if not fenced(task_id)]
         if not running and not held:
-            self._mark_alive()
+            # Nothing to vouch for; after a failed renewal (the fence may have
+            # stopped every task since), alive only once Redis answers again.
+            if self._failing_since is None or self._reporter.reachable():
+                self._failing_since = None
+                self._mark_alive()
             return True
         reporter = self._reporter
         call = reporter.scripts.renew(

@@ -92,6 +92,17 @@ class Reporter:
     def run_bounded(self, call: Call[R]) -> R:
         """Run a script once, failing after `fence_margin` / 2 (at most
         `redis_timeout`) to connect and as much to answer: no retries."""
+        script = self._bounded().register_script(call.script.source)
+        return call.parse(script(keys=call.keys, args=call.args))
+
+    def reachable(self) -> bool:
+        """True if Redis answers a PING within run_bounded's limits."""
+        try:
+            return bool(self._bounded().ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    def _bounded(self) -> redis.Redis:
         client = self._bounded_client
         if client is None:
             client = self._bounded_client = redis.Redis.from_url(
@@ -101,8 +112,7 @@ class Reporter:
                 socket_connect_timeout=self._bounded_timeout,
                 retry=Retry(NoBackoff(), 0),
             )
-        script = client.register_script(call.script.source)
-        return call.parse(script(keys=call.keys, args=call.args))
+        return client
 
     def begin(self, task_id: str, worker: str) -> int | None:
         """Mark the task STARTED by this execution: its fencing token (0 for

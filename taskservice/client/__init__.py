@@ -24,7 +24,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from taskservice.client.base import BaseClient, channel_credentials, default_target, error_from
+from taskservice.client.base import (
+    BaseClient,
+    channel_credentials,
+    channel_target,
+    default_target,
+    error_from,
+)
 from taskservice.client.models import Parameter, Progress, Task, TaskError, TaskType
 from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
 
@@ -40,18 +46,22 @@ __all__ = [
     "TaskState",
     "TaskType",
     "channel_credentials",
+    "channel_target",
     "default_target",
 ]
 
 
 class Client(BaseClient):
-    """A blocking client. Give a target ("host:port"; default: TASKSERVICE_ADDRESS,
-    else 127.0.0.1:TASKSERVICE_PORT) or a channel; `credentials` for TLS, `token`
-    for a bearer token, `timeout` (seconds) for each unary call."""
+    """A blocking client. Give a target ("host:port", or several: "host1:50051,
+    host2:50051" or a list, or "dns:///name:port", spread round robin over the
+    servers that report SERVING, see `channel_target`; default:
+    TASKSERVICE_ADDRESS, else 127.0.0.1:TASKSERVICE_PORT) or a channel;
+    `credentials` for TLS, `token` for a bearer token, `timeout` (seconds) for
+    each unary call."""
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         channel: grpc.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
@@ -60,11 +70,11 @@ class Client(BaseClient):
     ) -> None:
         super().__init__(token=token, timeout=timeout)
         if channel is None:
-            target = target or default_target()
+            name, options = channel_target(target or default_target())
             channel = (
-                grpc.secure_channel(target, credentials)
+                grpc.secure_channel(name, credentials, options=options)
                 if credentials is not None
-                else grpc.insecure_channel(target)
+                else grpc.insecure_channel(name, options=options)
             )
         self._channel = channel
         self._stub = pb_grpc.TaskServiceStub(channel)
@@ -178,11 +188,13 @@ class Client(BaseClient):
 
 
 class AsyncClient(BaseClient):
-    """An asyncio client (grpc.aio) with Client's methods and arguments, awaitable."""
+    """An asyncio client (grpc.aio) with Client's methods and arguments,
+    awaitable. Host names in a list of several addresses are resolved when
+    the client is made, blocking for that moment."""
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
@@ -191,11 +203,11 @@ class AsyncClient(BaseClient):
     ) -> None:
         super().__init__(token=token, timeout=timeout)
         if channel is None:
-            target = target or default_target()
+            name, options = channel_target(target or default_target())
             channel = (
-                grpc.aio.secure_channel(target, credentials)
+                grpc.aio.secure_channel(name, credentials, options=options)
                 if credentials is not None
-                else grpc.aio.insecure_channel(target)
+                else grpc.aio.insecure_channel(name, options=options)
             )
         self._channel = channel
         self._stub = pb_grpc.TaskServiceStub(channel)

@@ -4,7 +4,10 @@ decoding each answer and each error. `Client` and `AsyncClient` only do I/O
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -16,12 +19,106 @@ from taskservice.client.models import Task, TaskType, to_value
 from taskservice.core.errors import TaskServiceError, from_status
 from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
 
+HEALTH_SERVICE = "taskservice.v1.TaskService"
+"""The service whose health a round-robin client checks (the server reports it)."""
+
+ROUND_ROBIN_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # Client-side health checking: a server that reports NOT_SERVING (it
+        # is draining, or cannot reach Redis) gets no calls while others do.
+        "healthCheckConfig": {"serviceName": HEALTH_SERVICE},
+    }
+)
+
+_SPREAD_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+"""Target schemes that may name several servers (gRPC's name syntax)."""
+
+Options = list[tuple[str, str | int]]
+
 
 def default_target() -> str:
     """TASKSERVICE_ADDRESS, else 127.0.0.1 and TASKSERVICE_PORT (50051)."""
     return os.environ.get("TASKSERVICE_ADDRESS") or (
         f"127.0.0.1:{os.environ.get('TASKSERVICE_PORT') or 50051}"
     )
+
+
+def channel_target(address: str | Sequence[str]) -> tuple[str, Options]:
+    """The gRPC target and channel options for `address`.
+
+    - One "host:port" (or any other gRPC target, e.g. "unix:/path"): as it is,
+      one server at a time (gRPC's pick_first).
+    - Several, comma-separated ("host1:50051,host2:50051") or as a list:
+      calls are spread round robin over all of them, skipping any whose
+      health is not SERVING (a server draining for a restart, say). Host
+      names are resolved here, once; the target is `ipv4:` (or `ipv6:`, with
+      IPv4 addresses mapped) listing every address. Over TLS, each server's
+      certificate must name the first host.
+    - A `dns:`, `ipv4:` or `ipv6:` target (e.g. "dns:///tasks.internal:50051",
+      which gRPC re-resolves as the name's addresses change): round robin
+      with health checking over the addresses it names.
+
+    ValueError if an entry of several is not "host:port".
+    """
+    entries = [address] if isinstance(address, str) else list(address)
+    if len(entries) == 1 and entries[0].strip().startswith(_SPREAD_SCHEMES):
+        return entries[0].strip(), _round_robin()
+    entries = [entry.strip() for text in entries for entry in text.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError("no server address given")
+    if len(entries) == 1:
+        return entries[0], []
+    resolved: list[tuple[str, int]] = []
+    for entry in entries:
+        host, port = _host_port(entry)
+        resolved += [(ip, port) for ip in _addresses(host, port) if (ip, port) not in resolved]
+    if all(":" not in ip for ip, _ in resolved):
+        target = "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in resolved)
+    else:  # one target names one family: IPv4 addresses as IPv4-mapped IPv6 ones
+        target = "ipv6:" + ",".join(
+            f"[{ip if ':' in ip else '::ffff:' + ip}]:{port}" for ip, port in resolved
+        )
+    # The :authority of every call, which TLS checks against the certificate.
+    return target, [*_round_robin(), ("grpc.default_authority", entries[0])]
+
+
+def _round_robin() -> Options:
+    # A service config from DNS (TXT records) would replace this one.
+    return [
+        ("grpc.service_config", ROUND_ROBIN_CONFIG),
+        ("grpc.service_config_disable_resolution", 1),
+    ]
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6 address]:port"."""
+    host, colon, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs brackets before its port
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"server address {entry!r}: expected host:port ([address]:port for IPv6)")
+    return host, int(port)
+
+
+def _addresses(host: str, port: int) -> list[str]:
+    """The IP addresses of `host` (itself, if it is one)."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ValueError(f"server address {host}:{port}: cannot resolve {host} ({error})") from None
+    addresses: list[str] = []
+    for _, _, _, _, sockaddr in found:
+        ip = str(sockaddr[0])
+        if ip not in addresses:
+            addresses.append(ip)
+    return addresses
 
 
 def channel_credentials(

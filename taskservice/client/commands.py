@@ -49,7 +49,9 @@ def add_commands(commands: Any) -> None:
     group.add_argument(
         "--address",
         default=None,
-        help="server host:port (default: TASKSERVICE_ADDRESS, else 127.0.0.1:TASKSERVICE_PORT)",
+        help="server host:port, or several comma-separated (calls spread round robin over "
+        "those that report SERVING), or dns:///name:port "
+        "(default: TASKSERVICE_ADDRESS, else 127.0.0.1:TASKSERVICE_PORT)",
     )
     group.add_argument(
         "--token",

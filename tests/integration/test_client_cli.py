@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from taskservice import AsyncClient, TaskAlreadyRunning
+from taskservice.cli.embedded import free_port
 from taskservice.server.server import Server
 from tests.conftest import ROOT
 
@@ -134,3 +135,32 @@ async def test_the_asyncio_client(server: Server, key: str) -> None:
         assert listed == [task.id]
         assert "demo.dummy" in [t.name for t in await client.task_types()]
         assert await client.healthy()
+
+
+async def test_several_addresses_skip_one_that_is_down_and_a_bad_one_is_usage(
+    server: Server,
+) -> None:
+    async def taskservice(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "taskservice",
+            *args,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    code, out, err = await taskservice(
+        {"TASKSERVICE_ADDRESS": f"{nobody},127.0.0.1:{server.port}"}, "tasks"
+    )
+    assert code == 0, err
+    assert "test.echo" in out
+    code, _, err = await taskservice({}, "tasks", "--address", f"{nobody},tasks")
+    assert code == 2
+    assert "server address 'tasks': expected host:port" in err

@@ -143,6 +143,32 @@ async def test_shutdown_ends_watch_streams_with_unavailable(
     await stub.Cancel(pb.CancelRequest(task_id=task.id))
 
 
+async def test_every_health_watcher_hears_not_serving_then_its_stream_ends_unavailable(
+    settings: Settings,
+) -> None:
+    running = await create_server(settings, port=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="taskservice.v1.TaskService")
+        watches = [health.Watch(request) for _ in range(3)]
+        for watch in watches:
+            assert (await watch.read()).status == SERVING
+        # One watcher leaves (grpc_health's own servicer then forgets the
+        # others: they would never hear NOT_SERVING).
+        watches.pop(0).cancel()
+        assert (await health.Check(request)).status == SERVING
+        stopping = asyncio.create_task(running.stop(5))
+        for watch in watches:
+            assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        # Then, as the port closes, the streams end: watch another server.
+        for watch in watches:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await asyncio.wait_for(watch.read(), 5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(caught.value).reason == "SHUTTING_DOWN"
+        await asyncio.wait_for(stopping, 10)
+
+
 async def test_a_start_whose_caller_goes_away_still_completes_and_holds_its_key(
     settings: Settings,
     stub: pb_grpc.TaskServiceStub,

@@ -17,7 +17,7 @@ import pytest
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from taskservice.cli.embedded import stop_process_group
+from taskservice.cli.embedded import EmbeddedRedis, stop_process_group
 from taskservice.server.server import Server
 from tests.conftest import ROOT, start_server_process
 from tests.support.client import error_info, finished, start, start_request
@@ -51,6 +51,54 @@ async def test_starts_in_flight_at_sigterm_answer_ok_or_retry_never_cancelled(
         stop_process_group(process)
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
     assert codes["UNAVAILABLE"] > 0  # the burst did meet the shutdown
+
+
+async def test_clients_retrying_in_a_loop_through_a_sigterm_are_never_answered_cancelled(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    """20 clients Start in a loop on one server (no health checking): after
+    SHUTTING_DOWN they call again at once, after any other UNAVAILABLE 50 ms
+    later. gRPC's own stop would cancel the calls in flight when it closes
+    the port (19 of 20 clients met CANCELLED before the drain held them)."""
+    process, port = await asyncio.to_thread(start_server_process, tmp_path / "server.log")
+    codes: Counter[str] = Counter()
+    exited = asyncio.Event()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.TaskServiceStub(channel)
+
+            async def client() -> None:
+                while not exited.is_set():
+                    request = start_request("test.echo", 1, key=f"loop-{uuid.uuid4().hex}")
+                    request.options.queue = "nobody-listens"
+                    try:
+                        await stub.Start(request, timeout=10)
+                        codes["OK"] += 1
+                    except grpc.aio.AioRpcError as error:
+                        codes[error.code().name] += 1
+                        if error.code() == grpc.StatusCode.UNAVAILABLE and (
+                            "shutting down" in (error.details() or "")
+                        ):
+                            assert error_info(error).reason == "SHUTTING_DOWN"
+                            codes["SHUTTING_DOWN"] += 1
+                            continue
+                        await asyncio.sleep(0.05)
+
+            clients = [asyncio.create_task(client()) for _ in range(20)]
+            for _ in range(1000):  # under way
+                if codes["OK"] >= 100:
+                    break
+                await asyncio.sleep(0.01)
+            assert codes["OK"] >= 100, codes
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(process.wait, 20) == 0
+            exited.set()
+            await asyncio.wait_for(asyncio.gather(*clients), 15)
+    finally:
+        stop_process_group(process)
+    assert codes["CANCELLED"] == 0, codes
+    assert set(codes) <= {"OK", "UNAVAILABLE", "SHUTTING_DOWN"}, codes
+    assert codes["SHUTTING_DOWN"] > 0  # the loops did meet the drain
 
 
 async def test_a_burst_of_two_thousand_reads_is_all_answered(stub: pb_grpc.TaskServiceStub) -> None:

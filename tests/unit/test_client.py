@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -23,7 +24,7 @@ from taskservice import (
     TaskState,
 )
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
-from taskservice.client import Task
+from taskservice.client import Task, channel_target
 from taskservice.client.models import to_value
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TaskService"]
@@ -207,3 +208,67 @@ def test_policy_and_states_are_enums_end_to_end(
     assert unknown.state is TaskState.UNSPECIFIED
     with pytest.raises(ValueError, match="conflict_policy 'sometimes' is none of REJECT"):
         client.start("demo.dummy", conflict_policy="sometimes")
+
+
+# -- Several servers: the gRPC target a client builds ---------------------------
+
+
+def round_robin(options: list[tuple[str, str | int]]) -> dict[str, Any]:
+    """The service config among `options` (asserting it is the only one)."""
+    configs = [json.loads(str(value)) for name, value in options if name == "grpc.service_config"]
+    assert len(configs) == 1
+    assert ("grpc.service_config_disable_resolution", 1) in options
+    return configs[0]  # type: ignore[no-any-return]
+
+
+def test_several_addresses_become_one_round_robin_target_that_checks_health() -> None:
+    target, options = channel_target(" 127.0.0.1:50051, 10.0.0.2:50052,")
+    assert target == "ipv4:127.0.0.1:50051,10.0.0.2:50052"
+    assert round_robin(options) == {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "taskservice.v1.TaskService"},
+    }
+    # TLS checks the certificate against the first address as written.
+    assert ("grpc.default_authority", "127.0.0.1:50051") in options
+    # A list says the same.
+    assert channel_target(["127.0.0.1:50051", "10.0.0.2:50052"]) == (target, options)
+
+
+def test_ipv6_among_the_addresses_makes_an_ipv6_target_with_ipv4_mapped() -> None:
+    target, options = channel_target("[::1]:7001,127.0.0.1:7002,[2001:db8::5]:7003")
+    assert target == "ipv6:[::1]:7001,[::ffff:127.0.0.1]:7002,[2001:db8::5]:7003"
+    assert round_robin(options)["loadBalancingConfig"] == [{"round_robin": {}}]
+
+
+def test_host_names_in_a_list_are_resolved_once_and_duplicates_dropped() -> None:
+    target, options = channel_target("localhost:7001,127.0.0.1:7001,127.0.0.1:7002")
+    assert target.count("127.0.0.1:7001") == 1 and "127.0.0.1:7002" in target
+    assert "localhost" not in target
+    assert ("grpc.default_authority", "localhost:7001") in options
+
+
+def test_one_address_or_another_kind_of_target_is_left_to_grpc() -> None:
+    assert channel_target("127.0.0.1:50051") == ("127.0.0.1:50051", [])
+    assert channel_target(["tasks.internal:50051"]) == ("tasks.internal:50051", [])
+    assert channel_target("unix:/run/taskservice.sock") == ("unix:/run/taskservice.sock", [])
+    # A DNS name gRPC re-resolves, or an explicit address list: round robin.
+    for given in ("dns:///tasks.internal:50051", "ipv4:127.0.0.1:1,127.0.0.1:2"):
+        target, options = channel_target(given)
+        assert target == given
+        assert round_robin(options)["healthCheckConfig"]["serviceName"]
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("127.0.0.1:1,tasks", "expected host:port"),
+        ("127.0.0.1:1,::1:2", "expected host:port"),  # IPv6 needs brackets
+        ("127.0.0.1:1,h:0", "expected host:port"),
+        ("127.0.0.1:1,h:70000", "expected host:port"),
+        ("127.0.0.1:1,nothing.invalid:2", "cannot resolve nothing.invalid"),
+        (" , ", "no server address"),
+    ],
+)
+def test_a_bad_address_in_a_list_is_refused_saying_which(address: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        channel_target(address)
