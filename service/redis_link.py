@@ -144,6 +144,10 @@ class RedisLink:
         # WAITs asked for in this turn of the loop: one, written after every
         # command of the turn, serves them all.
         self._turn_waits: dict[tuple[int, int], asyncio.Future[Any]] = {}
+        # A WAIT written and not yet answered: it blocks the connection, so
+        # the next replicated writes wait for it and share one WAIT after it
+        # (group commit), instead of queueing one WAIT each behind it.
+        self._wait_in_flight: asyncio.Future[Any] | None = None
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
@@ -208,6 +212,8 @@ class RedisLink:
         return call.parse(_raised(reply)), int(_raised(acked))
 
     async def _with_wait(self, args: tuple[Any, ...], replicas: int, ms: int) -> tuple[Any, Any]:
+        while self._wait_in_flight is not None:
+            await asyncio.wait({self._wait_in_flight})
         protocol = self._protocol or await self._connect()
         command = self._write(protocol, args)
         wait = self._turn_waits.get((replicas, ms))
@@ -260,6 +266,10 @@ class RedisLink:
     def _write(self, protocol: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Send a command; the future gets its reply (in order)."""
         loop = asyncio.get_running_loop()
+        if self._flushing is not None and self._flushing is not protocol:
+            # What this turn wrote so far went to another connection (one
+            # that was lost and replaced meanwhile): it leaves first, there.
+            self._flush()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((future, loop.time()))
         self._outgoing.append(_command(args))
@@ -278,9 +288,15 @@ class RedisLink:
             for (replicas, ms), future in waits.items():
                 self._waiting.append((future, now))
                 self._outgoing.append(_command(("WAIT", replicas, ms)))
+                self._wait_in_flight = future
+                future.add_done_callback(self._wait_answered)
         data, self._outgoing = b"".join(self._outgoing), []
         if protocol is not None and protocol.transport is not None:
             protocol.transport.write(data)
+
+    def _wait_answered(self, future: asyncio.Future[Any]) -> None:
+        if self._wait_in_flight is future:
+            self._wait_in_flight = None
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:

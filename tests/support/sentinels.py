@@ -27,6 +27,8 @@ from taskservice.cli.embedded import (
 )
 
 MASTER_NAME = "tsmaster"
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")
+"""A master sends a new replica its data at once (Redis 7 waits 5 s for more)."""
 
 
 class SentinelSet:
@@ -36,10 +38,10 @@ class SentinelSet:
         self.dir = Path(tempfile.mkdtemp(prefix="taskservice-sentinel-"))
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.master = EmbeddedRedis(directory=self.dir / "a")
+        self.master = EmbeddedRedis(directory=self.dir / "a", args=FAST_SYNC)
         self.replica = EmbeddedRedis(
             directory=self.dir / "b",
-            args=("--replicaof", "127.0.0.1", str(self.master.port)),
+            args=(*FAST_SYNC, "--replicaof", "127.0.0.1", str(self.master.port)),
         )
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
@@ -126,6 +128,29 @@ class SentinelSet:
                 return ports.pop()
             time.sleep(0.05)
         raise RuntimeError(f"no failover within {timeout}s:\n{self.logs()}")
+
+    def rejoin(self, killed: EmbeddedRedis, master_port: int, timeout: float = 15.0) -> None:
+        """Start the killed server again, empty, as a replica of the new master
+        (as an operator or orchestrator brings a failed node back), and wait
+        until it is in sync."""
+        again = EmbeddedRedis(
+            port=killed.port,
+            directory=killed.dir,
+            args=(*FAST_SYNC, "--replicaof", "127.0.0.1", str(master_port)),
+        ).start()
+        if killed is self.master:
+            self.master = again
+        else:
+            self.replica = again
+        client = self.client(again.port)
+        deadline = time.monotonic() + timeout
+        try:
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the old master did not sync as a replica")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def client(self, port: int) -> redis.Redis:
         """A client of the Redis on `port` (master or replica)."""
