@@ -23,8 +23,10 @@ was lost instead (replication is asynchronous).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -33,17 +35,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
-from taskservice.cli.embedded import free_port, stop_process_group
+from taskservice.cli.embedded import EmbeddedRedis, free_port, stop_process_group
 from taskservice.core.settings import Settings
 from taskservice.server.server import create_server
-from tests.conftest import start_worker
+from tests.conftest import serving, start_worker
 from tests.support.client import TERMINAL, error_info, start_request
 from tests.support.sentinels import MASTER_NAME, SentinelSet
-
-pytestmark = pytest.mark.timeout(90, func_only=False)  # each variant runs in ~25 s
 
 KEYS = 4
 REPLICALESS = 1.5
@@ -188,6 +190,7 @@ def overlaps(bodies: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.timeout(90, func_only=False)  # each variant runs in ~20 s
 @pytest.mark.parametrize("min_replicas", [0, 1])
 async def test_a_failover_under_load_answers_only_ok_conflict_or_unavailable_and_recovers(
     sentinels: SentinelSet, tmp_path: Path, min_replicas: int
@@ -303,4 +306,93 @@ async def fail_over(
         "overlaps under a key": overlaps(bodies),
         "watch": [pb.TaskState.Name(s) for s in run.watched],
         "watch resumed": run.resumes,
+    }
+
+
+async def test_a_worker_refuses_a_claimed_task_whose_record_redis_lost(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Redis loses the record of an accepted Start (here: the records' Redis is
+    killed and comes back empty; a failover to a replica that missed the claim
+    does the same) while its message waits in the broker (another Redis). The
+    worker refuses that message, which the Start marked as claimed, and records
+    it LOST (RecordLost), where a plain message of the same task, never
+    claimed, still runs."""
+    records = EmbeddedRedis().start()
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    ours = settings.model_copy(
+        update={
+            "redis_url": records.url,
+            "broker_url": settings.redis_url,  # the session's Redis: it keeps the message
+            "key_prefix": f"lost-{uuid.uuid4().hex[:6]}",
+        }
+    )
+    claimed_file, plain_file = tmp_path / "claimed", tmp_path / "plain"
+    metrics_port = free_port()
+    worker = None
+    try:
+        async with serving(ours) as stub:
+            request = start_request("test.write_after", path=str(claimed_file), seconds=0)
+            request.exclusivity_key = "reports"
+            request.options.queue = queue
+            task_id = (await stub.Start(request)).task.id
+            # What a plain `delay()` sends: no record, no claim.
+            plain = Celery("plain", broker=settings.redis_url, set_as_current=False)
+            plain.send_task("test.write_after", args=[str(plain_file), 0], queue=queue)
+
+            records.crash()  # SIGKILL; nothing was persisted
+            records = EmbeddedRedis(port=records.port).start()
+
+            env = {
+                "TASKSERVICE_REDIS_URL": records.url,
+                "TASKSERVICE_BROKER_URL": settings.redis_url,
+                "TASKSERVICE_KEY_PREFIX": ours.key_prefix,
+                "TASKSERVICE_WORKER_METRICS_PORT": str(metrics_port),
+            }
+            worker = start_worker(tmp_path / "worker.log", queues=queue, env=env)
+            task = await ended_record(stub, task_id)
+            assert task.state == pb.TASK_STATE_LOST
+            assert task.error.type == "RecordLost"
+            assert task.exclusivity_key == "reports"
+            assert "refused to run it" in task.error.message
+            await asyncio.to_thread(wait_for_file, plain_file)
+        assert not claimed_file.exists(), "the claimed body ran without its record"
+        log = (tmp_path / "worker.log").read_text()
+        assert f"task {task_id} (test.write_after, exclusivity key 'reports') has no record" in log
+        samples = await asyncio.to_thread(scrape, metrics_port)
+        refused = ("taskservice_tasks_refused_total",
+                   (("reason", "record_lost"), ("task_name", "test.write_after")))  # fmt: skip
+        assert samples.get(refused) == 1.0
+    finally:
+        if worker is not None:
+            stop_process_group(worker)
+        records.stop()
+
+
+async def ended_record(stub: pb_grpc.TaskServiceStub, task_id: str) -> pb.Task:
+    """The task once it has a terminal record again (it answers NOT_FOUND until then)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND, or UNAVAILABLE
+            task = (await stub.GetStatus(pb.GetStatusRequest(task_id=task_id))).task
+            if task.state in TERMINAL:
+                return task
+        assert time.monotonic() < deadline, f"task {task_id} got no terminal record"
+        await asyncio.sleep(0.1)
+
+
+def wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
