@@ -35,6 +35,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -396,3 +397,65 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+@pytest.mark.parametrize("path", ["pushed with the claim", "published through kombu"])
+async def test_a_start_whose_replica_does_not_confirm_answers_unavailable_and_enqueues_nothing(
+    settings: Settings, path: str
+) -> None:
+    master = EmbeddedRedis(args=("--repl-diskless-sync-delay", "0")).start()
+    replica_args = ("--replicaof", "127.0.0.1", str(master.port))
+    replica = EmbeddedRedis(args=replica_args).start()
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    ours = settings.model_copy(
+        update={
+            "redis_url": master.url,
+            # The same Redis under another name: the server publishes through kombu.
+            "broker_url": None
+            if path.startswith("pushed")
+            else f"redis://localhost:{master.port}/0",
+            "key_prefix": f"unreplicated-{uuid.uuid4().hex[:6]}",
+            "redis_min_replicas": 1,
+            "redis_min_replicas_timeout": 0.3,
+        }
+    )
+    client = redis.Redis(port=master.port, decode_responses=True)
+    try:
+        async with serving(ours) as stub:
+            request = start_request("test.echo", 1, key="reports")
+            request.options.queue = queue
+            await asyncio.to_thread(wait_replicas, client, 1)
+            first = (await stub.Start(request)).task.id  # a replica confirms: accepted
+            assert client.llen(queue) == 1
+            message = json.loads(client.lindex(queue, 0))
+            assert message["headers"]["taskservice_claimed"] == "reports"
+            await stub.Cancel(pb.CancelRequest(task_id=first))
+            client.delete(queue)
+
+            replica.crash()  # SIGKILL: no replica confirms anything now
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Start(request)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_info(caught.value).reason == "REDIS_NOT_REPLICATED"
+            assert client.llen(queue) == 0  # nothing a worker could run
+            given_up = [
+                client.hgetall(name) for name in client.scan_iter(f"{ours.key_prefix}:task:*")
+            ]
+            assert sorted(r["state"] for r in given_up) == ["REVOKED", "REVOKED"]
+            assert sum(r.get("error_type") == "NotEnqueued" for r in given_up) == 1
+
+            replica = EmbeddedRedis(port=replica.port, args=replica_args).start()
+            await asyncio.to_thread(wait_replicas, client, 1)
+            await stub.Start(request)  # the key was given back: accepted again
+            assert client.llen(queue) == 1
+    finally:
+        client.close()
+        replica.stop()
+        master.stop()
+
+
+def wait_replicas(client: redis.Redis, count: int) -> None:
+    deadline = time.monotonic() + 15
+    while client.info("replication")["connected_slaves"] < count:
+        assert time.monotonic() < deadline, "the replica did not connect"
+        time.sleep(0.05)

@@ -31,6 +31,58 @@ FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 """A master sends a new replica its data at once (Redis 7 waits 5 s for more)."""
 
 
+def start_sentinel(
+    folder: Path, port: int, master_port: int, *, quorum: int = 2, down_after_ms: int = 600,
+    failover_timeout_ms: int = 3000,
+) -> subprocess.Popen[bytes]:  # fmt: skip
+    """A sentinel on `port` watching the master on `master_port` as MASTER_NAME,
+    its configuration, log and state in `folder` (which it rewrites)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "sentinel.conf"
+    config.write_text(
+        f"port {port}\n"
+        "bind 127.0.0.1\n"
+        f"dir {folder}\n"
+        f"logfile {folder / 'sentinel.log'}\n"
+        f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} {quorum}\n"
+        f"sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n"
+        f"sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n"
+        f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+    )
+    process = subprocess.Popen(
+        tied_to_this_process([redis_server_binary(), str(config), "--sentinel"]),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                client.ping()
+                return process
+            except redis.exceptions.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    raise RuntimeError(f"the sentinel on {port} did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def stop_sentinel(process: subprocess.Popen[bytes]) -> None:
+    """Stop a sentinel (SIGTERM, then SIGKILL after 5 s)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class SentinelSet:
     """A master, a replica of it and three sentinels (quorum 2); see the module."""
 
@@ -58,26 +110,13 @@ class SentinelSet:
             server.dir.mkdir(parents=True, exist_ok=True)
             server.start()
         for n, port in enumerate(self.sentinel_ports):
-            folder = self.dir / f"s{n}"
-            folder.mkdir()
-            config = folder / "sentinel.conf"
-            config.write_text(
-                f"port {port}\n"
-                "bind 127.0.0.1\n"
-                f"dir {folder}\n"
-                f"logfile {folder / 'sentinel.log'}\n"
-                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}\n"
-                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
-            )
             self._sentinels.append(
-                subprocess.Popen(
-                    tied_to_this_process([redis_server_binary(), str(config), "--sentinel"]),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
+                start_sentinel(
+                    self.dir / f"s{n}",
+                    port,
+                    self.master.port,
+                    down_after_ms=self.down_after_ms,
+                    failover_timeout_ms=self.failover_timeout_ms,
                 )
             )
         deadline = time.monotonic() + timeout
@@ -168,14 +207,7 @@ class SentinelSet:
     def stop(self) -> None:
         """Stop every process and remove the folder."""
         for process in self._sentinels:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self._sentinels:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_sentinel(process)
         for server in (self.master, self.replica):
             server.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
