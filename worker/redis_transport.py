@@ -35,6 +35,7 @@ import os
 import threading
 from typing import Any
 
+import kombu.transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
 logger = logging.getLogger(__name__)
@@ -169,3 +170,22 @@ class SentinelTransport(_SentinelTransport):  # type: ignore[misc]
     """kombu's Redis Sentinel transport (`sentinel://`) with this module's channel."""
 
     Channel = SentinelChannel
+
+
+def _name_the_sentinel_scheme() -> None:
+    """Make kombu's `sentinel` scheme name SentinelTransport in this process.
+
+    A `sentinel://` broker is one URL per sentinel, `;`-separated, which
+    kombu treats as failover alternates: when a connect fails it moves on to
+    the next (kombu.Connection.switch), and re-reads the transport from that
+    URL's scheme, dropping the one Celery was given (`broker_transport`). A
+    worker would run kombu's own Sentinel transport, without the fix, after
+    its first failover. Done on import, which kombu does when it first
+    resolves this module's transport for a connection, before any switch.
+    """
+    kombu_transport.TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+    # A class kombu resolved for the scheme before (private; kombu is capped).
+    getattr(kombu_transport, "_transport_cache", {}).pop("sentinel", None)
+
+
+_name_the_sentinel_scheme()

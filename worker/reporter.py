@@ -71,11 +71,18 @@ class Reporter:
         )
         self._loaded: dict[str, Script] = {}
 
-    def run(self, call: Call[R], *, retry_for: float | None = None, replicated: bool = False) -> R:
+    def run(
+        self,
+        call: Call[R],
+        *,
+        retry_for: float | None = None,
+        replicated: tuple[type, ...] = (),
+    ) -> R:
         """Run a script, retrying while Redis is unreachable (for at most
         `retry_for` seconds, by default `worker_write_retry`). `replicated`:
-        also until `redis_min_replicas` replicas have its writes, else
-        NotReplicated (the write stays on the master)."""
+        the replies that mean the script wrote; for those, also retry until
+        `redis_min_replicas` replicas have the write, else NotReplicated (the
+        write stays on the master)."""
         deadline = time.monotonic() + (self._retry_for if retry_for is None else retry_for)
         delay = 0.05
         while True:
@@ -87,7 +94,7 @@ class Reporter:
                 if not (replicated and self._min_replicas):
                     return call.parse(script(keys=call.keys, args=call.args))
                 reply, acked = self._run_replicated(script, call)
-                if acked >= self._min_replicas:
+                if acked >= self._min_replicas or not isinstance(reply, replicated):
                     return reply
                 if time.monotonic() + delay > deadline:
                     raise NotReplicated(
@@ -127,7 +134,7 @@ class Reporter:
         call = self.scripts.start(
             task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
         )
-        match self.run(call, replicated=True):
+        match self.run(call, replicated=(Began,)):
             case Over(state):
                 logger.info("task %s already ended (%s); not running it", task_id, state)
                 return False
@@ -195,7 +202,7 @@ class Reporter:
         with bound_contextvars(task_id=task_id):
             call = self.scripts.transition(task_id, record.ACTIVE_STATES, new_state, fields)
             try:
-                changed = self.run(call, replicated=True)
+                changed = self.run(call, replicated=(Changed,))
             except NotReplicated as error:
                 # Written on the master, which may keep it: nothing to undo.
                 logger.warning("the end of task %s may be lost in a failover: %s", task_id, error)

@@ -242,7 +242,7 @@ async def fail_over(
     await asyncio.sleep(2)  # load before the fault
     assert any(a.code == grpc.StatusCode.OK for a in run.answers), "no Start got through"
     old_port = cluster.master_port()
-    killed_at = time.monotonic()
+    killed_at, wall_killed = time.monotonic(), time.time()
     killed = cluster.kill_master()
     new_port = await asyncio.to_thread(cluster.wait_failover, old_port)
     switched_at = time.monotonic()
@@ -290,6 +290,13 @@ async def fail_over(
             round(min(unreplicated) - killed_at, 3) if unreplicated else None,
             round(max(unreplicated) - killed_at, 3) if unreplicated else None,
         ],
+        "kill -> first body started after it (s)": round(
+            min(
+                (b["start"] - wall_killed for b in bodies.values() if b["start"] > wall_killed),
+                default=float("nan"),
+            ),
+            3,
+        ),
         "accepted": len(accepted),
         "accepted after the kill": len(after_kill),
         "accepted, not succeeded": sorted(

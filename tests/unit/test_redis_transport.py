@@ -32,11 +32,13 @@ import pytest
 import redis
 from celery import Celery
 from kombu import pidbox
+from kombu.transport import get_transport_cls
 from kombu.transport import redis as kombu_redis
 
 from taskservice import apps
 from taskservice.cli.embedded import EmbeddedRedis, free_port
 from taskservice.core.settings import Settings
+from taskservice.worker.redis_transport import SentinelTransport
 from tests.support.sentinels import MASTER_NAME, start_sentinel, stop_sentinel
 
 STOCK = "kombu"
@@ -209,5 +211,27 @@ def test_a_message_held_through_a_redis_restart_goes_back_to_its_queue_on_reconn
         with connection.Consumer(queue, callbacks=[lambda body, m: received.append(body)]):
             connection.drain_events(timeout=5)
         assert received == [PAYLOAD]
+    finally:
+        connection.release()
+
+
+def test_a_sentinel_broker_connection_keeps_the_fixed_transport_on_the_next_sentinel() -> None:
+    """kombu moves a failed connection on to the next `;`-separated URL (one
+    per sentinel) and re-reads the transport from its scheme: `sentinel` must
+    then name taskservice's transport, or the fix is gone after a failover."""
+    app = Celery("transport-test", set_as_current=False)
+    settings = Settings(
+        redis_url="redis://ignored/0",
+        redis_sentinels="127.0.0.1:1,127.0.0.1:2",
+        redis_sentinel_master=MASTER_NAME,
+    )
+    apps.configure(app, settings)
+    connection = app.connection_for_read()
+    try:
+        assert connection.transport_cls == apps.SENTINEL_TRANSPORT
+        connection.maybe_switch_next()  # what a failed connect does
+        assert connection.hostname == "127.0.0.1" and connection.port == 2
+        assert connection.transport_cls == "sentinel"  # kombu's own doing
+        assert get_transport_cls(connection.transport_cls) is SentinelTransport
     finally:
         connection.release()
