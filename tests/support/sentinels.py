@@ -31,6 +31,18 @@ FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 """A master sends a new replica its data at once (Redis 7 waits 5 s for more)."""
 
 
+def online_replicas(client: redis.Redis) -> int:
+    """How many replicas the master `client` talks to counts online: only those
+    answer WAIT (Redis 7 puts a replica online at its first acknowledgement, up
+    to a second after its sync)."""
+    info = client.info("replication")
+    return sum(
+        1
+        for name, value in info.items()
+        if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+    )
+
+
 def start_sentinel(
     folder: Path, port: int, master_port: int, *, quorum: int = 2, down_after_ms: int = 600,
     failover_timeout_ms: int = 3000,
@@ -171,7 +183,7 @@ class SentinelSet:
     def rejoin(self, killed: EmbeddedRedis, master_port: int, timeout: float = 15.0) -> None:
         """Start the killed server again, empty, as a replica of the new master
         (as an operator or orchestrator brings a failed node back), and wait
-        until it is in sync."""
+        until the master counts it online."""
         again = EmbeddedRedis(
             port=killed.port,
             directory=killed.dir,
@@ -181,12 +193,12 @@ class SentinelSet:
             self.master = again
         else:
             self.replica = again
-        client = self.client(again.port)
+        client = self.client(master_port)
         deadline = time.monotonic() + timeout
         try:
-            while client.info("replication").get("master_link_status") != "up":
+            while online_replicas(client) < 1:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the old master did not sync as a replica")
+                    raise RuntimeError("the old master did not come back as a replica")
                 time.sleep(0.05)
         finally:
             client.close()
@@ -213,11 +225,11 @@ class SentinelSet:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _wait_replica_synced(self, deadline: float) -> None:
-        client = self.client(self.replica.port)
+        client = self.client(self.master.port)
         try:
-            while client.info("replication").get("master_link_status") != "up":
+            while online_replicas(client) < 1:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the replica did not sync with the master")
+                    raise RuntimeError("the replica did not come online")
                 time.sleep(0.05)
         finally:
             client.close()
