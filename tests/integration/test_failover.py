@@ -56,7 +56,9 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.U
 
 
 @pytest.fixture
-def sentinels() -> Iterator[SentinelSet]:
+def sentinels(redis_server: EmbeddedRedis) -> Iterator[SentinelSet]:
+    # After the session's Redis: its port is chosen early but bound only then,
+    # and these servers pick free ports too.
     cluster = SentinelSet().start()
     try:
         yield cluster
@@ -242,8 +244,9 @@ async def fail_over(
     await asyncio.sleep(2)  # load before the fault
     assert any(a.code == grpc.StatusCode.OK for a in run.answers), "no Start got through"
     old_port = cluster.master_port()
+    killed = cluster.server_on(old_port)
     killed_at, wall_killed = time.monotonic(), time.time()
-    killed = cluster.kill_master()
+    killed.crash()  # SIGKILL: nothing flushed, no goodbye to the replica
     new_port = await asyncio.to_thread(cluster.wait_failover, old_port)
     switched_at = time.monotonic()
     # A while with no replica at all (the failed node takes time to come

@@ -3,8 +3,9 @@
 Real processes (`redis-server`, and `redis-server <config> --sentinel` for
 each sentinel, as Debian's Redis 7.0 runs them), on free ports, each in its
 own process group and tied to this process (a killed test run leaves none
-behind). `kill_master()` is the fault: SIGKILL, nothing flushed, and the
-sentinels promote the replica by themselves.
+behind). The fault is `server_on(master_port()).crash()`: SIGKILL, nothing
+flushed, and the sentinels promote the replica by themselves; `rejoin` brings
+the killed server back as the new master's replica.
 """
 
 from __future__ import annotations
@@ -152,12 +153,9 @@ class SentinelSet:
                     return int(address[1])
         raise RuntimeError("no sentinel answers")
 
-    def kill_master(self) -> EmbeddedRedis:
-        """SIGKILL the master (the current one); the killed server."""
-        port = self.master_port()
-        killed = self.master if self.master.port == port else self.replica
-        killed.crash()
-        return killed
+    def server_on(self, port: int) -> EmbeddedRedis:
+        """The server (master or replica) listening on `port`."""
+        return self.master if self.master.port == port else self.replica
 
     def wait_failover(self, old_port: int, timeout: float = 20.0) -> int:
         """Wait until every sentinel names a master other than `old_port`; its port."""

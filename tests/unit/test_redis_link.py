@@ -50,8 +50,9 @@ class FakeSentinel:
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
-    """A master and its replica."""
+def pair(redis_server: EmbeddedRedis) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
+    """A master and its replica (started after the session's Redis, whose
+    port is chosen early but bound only then)."""
     master = EmbeddedRedis(args=("--repl-diskless-sync-delay", "0")).start()
     replica = EmbeddedRedis(args=("--replicaof", "127.0.0.1", str(master.port))).start()
     client = redis.Redis(port=master.port, decode_responses=True)

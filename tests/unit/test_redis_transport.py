@@ -50,11 +50,14 @@ PAYLOAD = {"task": "held while Redis restarts"}
 
 
 @pytest.fixture(params=[DIRECT, SENTINEL])
-def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+def broker(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: EmbeddedRedis
+) -> Iterator[Broker]:
     """A Redis of the test's own that writes every change to disk at once, so
     that after SIGKILL and a restart the `unacked` hash is where kombu left it;
     reached directly, or through a sentinel watching it (which, with no
-    replica to promote, keeps naming it)."""
+    replica to promote, keeps naming it). Started after the session's Redis,
+    whose port is chosen early but bound only then."""
     own = EmbeddedRedis(args=("--appendonly", "yes", "--appendfsync", "always")).start()
     sentinel = None
     settings = Settings(redis_url=own.url, redis_timeout=0.5)
