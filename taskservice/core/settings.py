@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKSERVICE_", frozen=True, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding taskservice's task records, exclusivity keys, leases and events."""
+    """Redis holding taskservice's task records, exclusivity keys, leases and
+    events. With `redis_sentinels`, only its database number and credentials
+    are used: the sentinels say where the master is."""
 
     broker_url: str | None = None
     """Celery broker URL; defaults to the records' Redis (`redis_url`, or its
