@@ -115,14 +115,16 @@ class Stack:
         self._processes: list[subprocess.Popen[bytes]] = []
         self.client = redis.Redis(port=self.redis.port, decode_responses=True)
 
-    def server(self, processes: int = 1) -> tuple[subprocess.Popen[bytes], int]:
+    def server(
+        self, processes: int = 1, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], int]:
         port = free_port()
         log = self.folder / f"server-{port}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "taskservice", "serve", f"--processes={processes}"],
                 cwd=ROOT,
-                env={**self.env, "TASKSERVICE_PORT": str(port)},
+                env={**self.env, **(env or {}), "TASKSERVICE_PORT": str(port)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -793,6 +795,54 @@ def load_many(ports: list[int], path: str, message: Any, calls: int, folder: Pat
     return asyncio.run(all_at_once())
 
 
+def replicated_starts(stack: Stack, report: Report, calls: int, rounds: int) -> None:
+    """What waiting for a replica costs a Start (TASKSERVICE_REDIS_MIN_REPLICAS
+    1 against 0): the same Starts, the same master with one replica on
+    loopback, one server each way; 32 streams in flight, then one at a time."""
+    replica = EmbeddedRedis(args=("--replicaof", "127.0.0.1", str(stack.redis.port))).start()
+    try:
+        _wait_for(lambda: stack.client.info("replication")["connected_slaves"] >= 1, 30,
+                  replica.log)  # fmt: skip
+        figures = {}
+        for replicas in (0, 1):
+            server, port = stack.server(env={"TASKSERVICE_REDIS_MIN_REPLICAS": str(replicas)})
+            start = pb.StartRequest(task_name="bench.noop")
+            path = "/taskservice.v1.TaskService/Start"
+            load(port, path, start, max(100, calls // 10), stack.folder)  # warm up
+            stack.client.delete("celery")
+            queued = stack.client.llen("celery")
+            result = load(port, path, start, calls, stack.folder)
+            if stack.client.llen("celery") - queued != result.calls:
+                raise RuntimeError(f"min replicas {replicas}: not every Start enqueued its task")
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.TaskServiceStub(channel)
+                for _ in range(20):  # warm up
+                    stub.Start(start)
+                one = []
+                for _ in range(rounds):
+                    began = time.perf_counter()
+                    stub.Start(start)
+                    one.append((time.perf_counter() - began) * 1e6)
+            stack.stop(server)
+            stack.client.delete("celery")
+            figures[replicas] = (result.rate, result.p99, statistics.median(one))
+    finally:
+        replica.stop()
+    (rate0, p99_0, one0), (rate1, p99_1, one1) = figures[0], figures[1]
+    scenario = "Start, min replicas 1 vs 0"
+    report.add(Row(scenario, "rate, min replicas 0", rate0, "calls/s"))
+    ratio_row(report, scenario, "rate, min replicas 1", rate1, "calls/s", "min replicas 0",
+              rate0, 0.5)  # fmt: skip
+    report.add(Row(scenario, "p99, min replicas 0", p99_0, "ms"))
+    report.add(Row(scenario, "p99, min replicas 1", p99_1, "ms", "min replicas 0", p99_1 / p99_0))
+    report.add(Row(scenario, "one at a time p50, min replicas 0", one0, "us"))
+    report.add(
+        Row(scenario, "one at a time p50, min replicas 1", one1, "us", "min replicas 0",
+            one1 / one0)
+    )  # fmt: skip
+    report.add(Row(scenario, "added per Start, one at a time", one1 - one0, "us"))
+
+
 def _redis_cpu(stack: Stack) -> float:
     info = stack.client.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -810,6 +860,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="run every scenario tiny (CI)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="NAME",
+        help="run only this scenario (unary, start_to_terminal, watch_burst, "
+        "worker_throughput, processes, replicated_starts); repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
     calls, rounds, watchers, tasks, count = (
         (300, 10, 200, 10, 50) if args.smoke else (20_000, 200, 10_000, 100, 2_000)
@@ -827,16 +882,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="taskservice-bench-") as tmp:
         stack = Stack(Path(tmp))
         try:
-            for scenario in (
-                lambda: unary(stack, report, calls),
-                lambda: start_to_terminal(stack, report, rounds),
-                lambda: watch_burst(stack, report, watchers, tasks),
-                lambda: worker_throughput(stack, report, count),
-                lambda: processes(stack, report, calls),
-                lambda: replicas(stack, report, calls),
-                lambda: redis_costs(stack, report, calls // 4, watchers // 10),
-            ):
-                scenario()
+            scenarios: dict[str, Callable[[], None]] = {
+                "unary": lambda: unary(stack, report, calls),
+                "start_to_terminal": lambda: start_to_terminal(stack, report, rounds),
+                "watch_burst": lambda: watch_burst(stack, report, watchers, tasks),
+                "worker_throughput": lambda: worker_throughput(stack, report, count),
+                "processes": lambda: processes(stack, report, calls),
+                "replicated_starts": lambda: replicated_starts(stack, report, calls, rounds * 2),
+                "replicas": lambda: replicas(stack, report, calls),
+                "redis_costs": lambda: redis_costs(stack, report, calls // 4, watchers // 10),
+            }
+            unknown = set(args.only) - set(scenarios)
+            if unknown:
+                parser.error(f"no scenario {', '.join(sorted(unknown))}")
+            for name, scenario in scenarios.items():
+                if not args.only or name in args.only:
+                    scenario()
         finally:
             stack.close()
     print()

@@ -43,9 +43,14 @@ class Operations:
         hub: EventHub,
         *,
         metrics: ServerMetrics | None = None,
+        replicated: RedisLink | None = None,
     ) -> Operations:
-        """Wire every operation over `link`, `hub` and `publisher`."""
-        records = Records(settings, link, registry, metrics or ServerMetrics())
+        """Wire every operation over `link`, `hub` and `publisher` (and
+        `replicated`, the link of writes that wait for replicas, when
+        `redis_min_replicas` asks for them)."""
+        records = Records(
+            settings, link, registry, metrics or ServerMetrics(), replicated=replicated
+        )
         reads = Reads(records)
         watches = Watches(records, reads, hub)
         return cls(
@@ -68,4 +73,4 @@ class Operations:
         self.cancels.close()
         await self.hub.close()
         self.publisher.close()
-        self.records.link.close()
+        self.records.close()

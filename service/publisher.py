@@ -38,6 +38,7 @@ from kombu.utils.json import dumps as json_dumps
 
 from taskservice import apps
 from taskservice.core.errors import BrokerUnavailable, PublishBacklog
+from taskservice.core.record import CLAIMED_HEADER
 from taskservice.core.settings import Settings
 from taskservice.server.status import broker_error
 
@@ -71,6 +72,8 @@ class Delivery:
     """The task's own priority (its `priority` option, else the app's
     task_default_priority); None leaves it to the app's routes, as with
     `apply_async`."""
+    exclusivity_key: str = ""
+    """The key its Start claimed ("" for none), carried in CLAIMED_HEADER."""
 
 
 class Ticket:
@@ -97,10 +100,8 @@ class Publisher:
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self._app = app
-        self.direct = app.conf.broker_url == settings.redis_url and (
-            settings.redis_url.startswith(("redis://", "rediss://", "unix://"))
-        )
-        """Messages go into Redis with the claim (see `message`)."""
+        self.direct = _same_redis(app, settings)
+        """Messages go into the records' Redis with the claim (see `message`)."""
         self._reply_to = app.thread_oid
         self._origin = anon_nodename()  # Celery would compute it for every message
         self._default_queue = str(app.conf.task_default_queue)
@@ -206,6 +207,7 @@ class Publisher:
             argsrepr=_REPR.repr(delivery.args),
             kwargsrepr=_REPR.repr(delivery.kwargs),
         )
+        headers = {**message.headers, CLAIMED_HEADER: delivery.exclusivity_key}
         body = json_dumps(message.body).encode("utf-8")
         properties = {
             **message.properties,
@@ -219,7 +221,7 @@ class Publisher:
             "body": base64.b64encode(body).decode("ascii"),
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": message.headers,
+            "headers": headers,
             "properties": properties,
         }
         return str(json_dumps(envelope))
@@ -260,6 +262,7 @@ class Publisher:
             soft_time_limit=delivery.soft_time_limit,  # type: ignore[arg-type]
             # As apply_async does; None leaves the routes' priority.
             priority=delivery.priority,
+            headers={CLAIMED_HEADER: delivery.exclusivity_key},
         )
         loop = asyncio.get_running_loop()
         release = ticket.hand_over()
@@ -303,6 +306,19 @@ async def _bounded(future: concurrent.futures.Future[T], wait: float, timeout_me
         if error is None:
             raise
         raise error from exc
+
+
+def _same_redis(app: Celery, settings: Settings) -> bool:
+    """Whether `app`'s broker is the records' Redis (the same URL; through
+    sentinels, the same sentinels, database and master name), so that a
+    claim script can push the message itself."""
+    url = app.conf.broker_url
+    if url != settings.records_celery_url:
+        return False
+    if settings.sentinel_addresses:
+        options = app.conf.broker_transport_options or {}
+        return bool(options.get("master_name") == settings.redis_sentinel_master)
+    return str(url).startswith(("redis://", "rediss://", "unix://"))
 
 
 def create_publisher(settings: Settings, source: Celery) -> Celery:

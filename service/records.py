@@ -47,6 +47,8 @@ class Records:
         link: RedisLink,
         registry: TaskRegistry,
         metrics: ServerMetrics,
+        *,
+        replicated: RedisLink | None = None,
     ) -> None:
         self.settings = settings
         self.link = link
@@ -54,10 +56,30 @@ class Records:
         self.metrics = metrics
         self.prefix = settings.key_prefix
         self.scripts = Scripts(settings.key_prefix, settings.record_ttl)
+        self.min_replicas = settings.redis_min_replicas
+        """Replicas a Start's writes must reach before it answers OK (0: none)."""
+        self._replicated = replicated or link
 
     async def run(self, call: Call[T]) -> T:
         """Run a script once; its typed reply."""
         return await self.link.script(call)
+
+    async def run_replicated(self, call: Call[T]) -> T:
+        """Run a script once and wait until `min_replicas` replicas have its
+        writes (within `redis_min_replicas_timeout`); its typed reply.
+        NotReplicated, carrying the reply, if they do not confirm in time."""
+        reply, acked = await self._replicated.script_replicated(
+            call, self.min_replicas, self.settings.redis_min_replicas_timeout
+        )
+        if acked < self.min_replicas:
+            raise NotReplicated(reply, acked)
+        return reply
+
+    def close(self) -> None:
+        """Close the links; calls waiting on them fail."""
+        self.link.close()
+        if self._replicated is not self.link:
+            self._replicated.close()
 
     async def persist(self, call: Call[T]) -> T:
         """Run a script, retrying through a Redis restart or failover for up
@@ -87,6 +109,17 @@ class Records:
         counted without its name (label values stay bounded)."""
         name = task_name if self.registry.get(task_name) is not None else ""
         self.metrics.tasks_ended.labels(name, STATE_LABELS.get(state, state.lower())).inc()
+
+
+class NotReplicated(Exception):
+    """Fewer replicas than `redis_min_replicas` confirmed a write in time: it
+    may be lost if the master fails now."""
+
+    def __init__(self, reply: Any, acked: int) -> None:
+        super().__init__(f"{acked} replica(s) confirmed the write in time")
+        self.reply = reply
+        """What the script answered (it ran on the master)."""
+        self.acked = acked
 
 
 def parse_task_id(task_id: str) -> str:

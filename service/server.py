@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from taskservice.apps import AppNotFound, load_app, load_exposed
-from taskservice.core import record
+from taskservice.core import connect, record
 from taskservice.core.metrics import Endpoint, ServerMetrics, multiprocess_mode, own_registry
 from taskservice.core.metrics import serve as serve_metrics
 from taskservice.core.registry import EXPOSED, NotTrackable
@@ -136,15 +135,16 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         logger.warning("no task modules (TASKSERVICE_TASKS): nothing can be started")
     # Every call of this process shares one pipelined connection; the event
     # subscription has one more. A few connections serve any burst.
-    link = RedisLink(
-        settings.redis_url,
-        timeout=settings.redis_timeout,
-        client_name=f"{settings.key_prefix}:calls",
-    )
+    link = RedisLink.to_records(settings, client_name=f"{settings.key_prefix}:calls")
+    # Writes that wait for replicas (WAIT holds its connection) get their
+    # own, so that reads never queue behind a WAIT.
+    replicated = None
+    if settings.redis_min_replicas:
+        replicated = RedisLink.to_records(settings, client_name=f"{settings.key_prefix}:claims")
     # The subscription waits indefinitely for messages, so it gets a client
     # without a read timeout.
-    sub_client = aioredis.Redis.from_url(
-        settings.redis_url,
+    sub_client = connect.async_client(
+        settings,
         decode_responses=True,
         socket_connect_timeout=settings.redis_timeout,
         health_check_interval=10,
@@ -158,7 +158,9 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     metrics_registry = None if multiprocess_mode() else own_registry()
     served = bool(settings.metrics_port) or multiprocess_mode()
     metrics = ServerMetrics(metrics_registry, per_call=served)
-    operations = Operations.build(settings, EXPOSED, publisher, link, hub, metrics=metrics)
+    operations = Operations.build(
+        settings, EXPOSED, publisher, link, hub, metrics=metrics, replicated=replicated
+    )
 
     gate = Gate()
     guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics, gate=gate)

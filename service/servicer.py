@@ -55,8 +55,12 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         self._tracebacks = tracebacks
         self._max_response_bytes = max_response_bytes
         # Serialized answers by (task id, sequence): a change watched by a
-        # thousand streams is encoded once, not a thousand times.
-        self._answers: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        # thousand streams is encoded once, not a thousand times. Each keeps
+        # its record: a Redis that lost writes (a failover) may number another
+        # record alike, which must not be answered with the old one.
+        self._answers: collections.OrderedDict[tuple[str, int], tuple[TaskRecord, bytes]] = (
+            collections.OrderedDict()
+        )
 
     async def Start(  # type: ignore[override]  # answers serialized bytes
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -162,13 +166,16 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         """A response whose field 1 is the task: the encoding GetStatusResponse,
         WatchStatusResponse, CancelResponse and StartResponse share."""
         key = (rec.id, rec.sequence)
-        answer = self._answers.get(key)
-        if answer is None:
-            task = task_message(rec, traceback=self._tracebacks)
-            answer = bytes(pb.GetStatusResponse(task=task).SerializeToString())
-            self._answers[key] = answer
-            if len(self._answers) > ANSWERS_KEPT:
-                self._answers.popitem(last=False)
+        kept = self._answers.get(key)
+        # Decoded records are shared by payload (TaskRecord.from_json): the
+        # same change is the same object, and `is` settles it.
+        if kept is not None and (kept[0] is rec or kept[0].fields == rec.fields):
+            return kept[1]
+        task = task_message(rec, traceback=self._tracebacks)
+        answer = bytes(pb.GetStatusResponse(task=task).SerializeToString())
+        self._answers[key] = (rec, answer)
+        if len(self._answers) > ANSWERS_KEPT:
+            self._answers.popitem(last=False)
         return answer
 
     async def _select(self, request: pb.GetStatusRequest | pb.WatchStatusRequest) -> str:

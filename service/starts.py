@@ -9,6 +9,14 @@ round trip. Otherwise the claim carries a short provisional lease, the
 publisher hands the message to the broker, and a confirm script drops the
 lease; a failed publish gives the key back (abandon). A Start with a
 request_id that was answered before answers the same again.
+
+With `redis_min_replicas`, a write counts once that many replicas have it
+(Redis's WAIT): the claim never pushes, since a worker could run a task
+whose claim a failover then loses. The claim (provisional) waits for the
+replicas; only then is the message pushed (in the confirm script) or
+published, and the confirm waits for them too before the Start answers OK.
+Replicas that do not confirm in time make the Start give its task up
+(NotReplicated: UNAVAILABLE, the key back, a message already out refused).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from taskservice.core.errors import (
     ArgsTooLarge,
     BrokerUnavailable,
     InvalidArgument,
+    RedisNotReplicated,
     RedisUnavailable,
     TaskAlreadyRunning,
     TaskNotFound,
@@ -44,11 +53,21 @@ from taskservice.core.registry import (
     TaskType,
     signature_text,
 )
-from taskservice.core.scripts import Held, Missing, Moved, Repeat, Request, Reused
+from taskservice.core.scripts import (
+    Claimed,
+    Confirmed,
+    Held,
+    Missing,
+    Moved,
+    Repeat,
+    Request,
+    Reused,
+)
 from taskservice.core.states import ConflictPolicy
 from taskservice.server.publisher import Delivery, Publisher, Ticket
 from taskservice.server.reads import Reads
 from taskservice.server.records import (
+    NotReplicated,
     Records,
     check_exclusivity_key,
     never_enqueued,
@@ -131,7 +150,8 @@ class Starts:
         answer_by = None
         if cmd.time_remaining is not None:
             answer_by = asyncio.get_running_loop().time() + cmd.time_remaining
-        if self._publisher.pushes(cmd.task_name, cmd.queue, task_type.task.priority):
+        pushes = self._publisher.pushes(cmd.task_name, cmd.queue, task_type.task.priority)
+        if pushes and not self._records.min_replicas:
             # One script, claim and message together: it ran or it did not,
             # so there is nothing to finish if the caller goes away.
             return await self._start(cmd, task_type, answer_by, request)
@@ -169,26 +189,38 @@ class Starts:
             time_limit=cmd.time_limit,
             soft_time_limit=cmd.soft_time_limit,
             priority=task_type.task.priority,
+            exclusivity_key=key,
         )
         push = self._publisher.push(delivery)
+        replicated = bool(self._records.min_replicas)
         claim = self._records.scripts.claim(
             fields,
             exclusivity_key=key,
             provisional_ms=provisional_ms,
             request=request,
-            push=push,
+            # A claim that must reach replicas first pushes only once they have it.
+            push=None if replicated else push,
         )
         try:
-            claimed = await self._records.run(claim)
-        except (redis.exceptions.RedisError, OSError):
+            if replicated:
+                claimed = await self._records.run_replicated(claim)
+            else:
+                claimed = await self._records.run(claim)
+        except (redis.exceptions.RedisError, OSError, NotReplicated) as error:
             # The claim may have been written before the connection failed:
             # give the key back now rather than after the provisional lease,
             # or the caller's retry would meet its own ghost.
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self._records.run(
-                    self._records.scripts.abandon(task_id, "never enqueued: Redis failed")
-                )
-            raise
+            if isinstance(error, NotReplicated) and not isinstance(error.reply, Claimed):
+                claimed = error.reply  # it wrote nothing: nothing to wait for
+            else:
+                why = "its Redis replicas did not confirm it" if replicated else "Redis failed"
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                    await self._records.run(
+                        self._records.scripts.abandon(task_id, f"never enqueued: {why}")
+                    )
+                if isinstance(error, NotReplicated):
+                    raise _not_replicated(error) from None
+                raise
         if isinstance(claimed, Repeat):
             earlier = await self._settled(claimed.task_id)
             if earlier is None:  # that Start failed after all: this one runs anew
@@ -212,20 +244,26 @@ class Starts:
         if claimed.fencing_token:
             fields["fence"] = str(claimed.fencing_token)
         accepted = TaskRecord.from_fields(fields)
-        if push is not None:
+        if push is not None and not replicated:
             self._records.metrics.tasks_started.labels(cmd.task_name).inc()
             return Started(accepted, already_existed=False)  # enqueued with its claim
-        try:
-            with self._publisher.admit() as ticket:
-                await self._publish(ticket, delivery, answer_by)
-        except (Exception, asyncio.CancelledError) as exc:
-            if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
-                raise
-            self._records.metrics.tasks_started.labels(cmd.task_name).inc()
-            return Started(accepted, already_existed=False)
-        # The broker has the message: a worker may run it any moment, so this
-        # Start must not answer an error because Redis blinked now.
-        confirmed = await self._records.persist(self._records.scripts.confirm(task_id))
+        if push is not None:
+            confirmed = await self._confirm_replicated(task_id, push)
+        else:
+            try:
+                with self._publisher.admit() as ticket:
+                    await self._publish(ticket, delivery, answer_by)
+            except (Exception, asyncio.CancelledError) as exc:
+                if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
+                    raise
+                self._records.metrics.tasks_started.labels(cmd.task_name).inc()
+                return Started(accepted, already_existed=False)
+            if replicated:
+                confirmed = await self._confirm_replicated(task_id, None)
+            else:
+                # The broker has the message: a worker may run it any moment,
+                # so this Start must not answer an error because Redis blinked now.
+                confirmed = await self._records.persist(self._records.scripts.confirm(task_id))
         if isinstance(confirmed, Missing):
             raise RedisUnavailable(f"the record of task {task_id} vanished: did Redis lose data?")
         if isinstance(confirmed, Moved) and never_enqueued(confirmed.record):
@@ -234,6 +272,40 @@ class Starts:
             )
         self._records.metrics.tasks_started.labels(cmd.task_name).inc()
         return Started(accepted, already_existed=False)
+
+    async def _confirm_replicated(
+        self, task_id: str, push: tuple[str, str] | None
+    ) -> Confirmed | Moved | Missing:
+        """Confirm a replicated claim (pushing its message now, with `push`)
+        and wait for the replicas; if they do not confirm, or Redis fails
+        meanwhile, withdraw the task (NotReplicated or the Redis error) unless
+        a worker already started it."""
+        call = self._records.scripts.confirm(task_id, push=push)
+        try:
+            return await self._records.run_replicated(call)
+        except NotReplicated as error:
+            if not isinstance(error.reply, Confirmed):
+                answer: Moved | Missing = error.reply  # it wrote nothing: it stands
+                return answer
+            failure: Exception = _not_replicated(error)
+        except (redis.exceptions.RedisError, OSError) as error:
+            failure = error
+        # The message may be in the broker: end the task unless it runs
+        # already, so that a worker refuses it; retried through a failover.
+        why = "never enqueued: its Redis replicas did not confirm it"
+        try:
+            withdrawn = await self._records.persist(
+                self._records.scripts.abandon(task_id, why, withdraw=True)
+            )
+        except (redis.exceptions.RedisError, OSError):
+            logger.warning("could not withdraw task %s after %s", task_id, failure)
+            raise failure from None
+        if isinstance(withdrawn, Moved) and withdrawn.record.started is not None:
+            # A worker began it: its own start waited for the replicas.
+            logger.info("task %s started although its replicas did not confirm it", task_id)
+            return Confirmed()
+        logger.warning("Start gave its task up: %s", failure)
+        raise failure
 
     async def _settled(self, task_id: str) -> TaskRecord | None:
         """The task an earlier Start with the same request id made, once that
@@ -343,3 +415,10 @@ class Starts:
             f"{self._publisher.default_queue!r} is always allowed)",
             violations=[("options.queue", "not a declared queue")],
         )
+
+
+def _not_replicated(error: NotReplicated) -> RedisNotReplicated:
+    return RedisNotReplicated(
+        f"Redis replicas did not confirm the Start in time ({error}; "
+        "TASKSERVICE_REDIS_MIN_REPLICAS): it was given up and will not run; retry"
+    )

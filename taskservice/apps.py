@@ -31,6 +31,9 @@ or the task would be delivered twice (the second run is refused anyway)."""
 REDIS_TRANSPORT = "taskservice.worker.redis_transport:Transport"
 """kombu's Redis transport with the fix that survives a Redis restart."""
 
+SENTINEL_TRANSPORT = "taskservice.worker.redis_transport:SentinelTransport"
+"""kombu's Redis Sentinel transport, with the same fix."""
+
 _SETTINGS = "taskservice_settings"
 
 
@@ -150,6 +153,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if scheme in ("redis", "rediss"):
         # Survives a Redis restart (see taskservice.worker.redis_transport).
         config["broker_transport"] = REDIS_TRANSPORT
+    elif scheme == "sentinel":
+        # kombu's sentinel:// transport, with the same fix: each connection
+        # asks the sentinels for the master. A READONLY reply (a demoted
+        # master) is a channel error to Celery, which stops the worker unless
+        # told to reconnect on those too (celery#7946).
+        config["broker_transport"] = SENTINEL_TRANSPORT
+        config["broker_channel_error_retry"] = True
+        config["broker_transport_options"] = {
+            **config["broker_transport_options"],
+            **_sentinel_options(settings),
+        }
+    if config["result_backend"].startswith("sentinel://"):
+        config["result_backend_transport_options"] = _sentinel_options(settings)
     elif scheme in ("amqp", "amqps", "pyamqp"):
         # py-amqp silently ignores the Redis option names above. Without
         # confirms a publish returns once its bytes are in the socket buffer
@@ -162,3 +178,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "write_timeout": timeouts["socket_timeout"],
         }
     return config
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    """kombu's and Celery's options for a `sentinel://` URL: the master's
+    name, and the sentinels' own password and timeouts."""
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout,
+        "socket_connect_timeout": settings.redis_timeout,
+    }
+    password = settings.redis_sentinel_password.get_secret_value()
+    if password:
+        sentinel_kwargs["password"] = password
+    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": sentinel_kwargs}

@@ -42,6 +42,15 @@ def ended(task_name: str, state: str) -> None:
             logger.exception("recording a task end failed")
 
 
+def refused(task_name: str, reason: str) -> None:
+    """Count a task this process refused to run (`reason`: record_lost)."""
+    if _metrics is not None:
+        try:
+            _metrics.tasks_refused.labels(task_name, reason).inc()
+        except Exception:
+            logger.exception("recording a refused task failed")
+
+
 def ran(task_name: str, state: str, seconds: float) -> None:
     """Record how long a task body ran, by how it ended: a record state, or
     "retried"."""

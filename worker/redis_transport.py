@@ -15,8 +15,9 @@ AttributeError escapes Celery's reconnect handler and stops the worker.
 tests/unit/test_redis_transport.py plays this against kombu's transport
 and this one; pyproject.toml caps kombu below its next minor for it.
 
-This transport (selected by `broker_transport` in `taskservice.worker.app`) fixes both
-halves:
+This transport (selected by `broker_transport` in `taskservice.apps`, and
+`SentinelTransport` for a `sentinel://` broker, whose channel is kombu's
+Sentinel channel with the same fix) fixes both halves:
 - a channel remembers its kombu Connection and uses it when the transport
   was detached, so the late restore fails like any restore while Redis is
   down (a ConnectionError, which Celery ignores while reconnecting);
@@ -34,6 +35,7 @@ import os
 import threading
 from typing import Any
 
+import kombu.transport as kombu_transport
 from kombu.transport import redis as kombu_redis
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ os.register_at_fork(after_in_child=_unrestored.clear)  # a pool child restores n
 _QoS: Any = kombu_redis.QoS
 _Channel: Any = kombu_redis.Channel
 _Transport: Any = kombu_redis.Transport
+_SentinelChannel: Any = kombu_redis.SentinelChannel
+_SentinelTransport: Any = kombu_redis.SentinelTransport
 
 
 def _target(channel: Channel) -> tuple[Any, ...] | None:
@@ -144,3 +148,44 @@ class Transport(_Transport):  # type: ignore[misc]
     """kombu's Redis transport with this module's channel."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, _SentinelChannel):  # type: ignore[misc]
+    """kombu's Redis Sentinel channel (it finds the master through the
+    sentinels on every connect), with this module's fix."""
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        # It reads the sentinels' addresses from the kombu Connection too.
+        transport = self.connection
+        if transport is not None and transport.client is None and self.conninfo is not None:
+            transport.client = self.conninfo
+            try:
+                return super()._sentinel_managed_pool(asynchronous)
+            finally:
+                transport.client = None
+        return super()._sentinel_managed_pool(asynchronous)
+
+
+class SentinelTransport(_SentinelTransport):  # type: ignore[misc]
+    """kombu's Redis Sentinel transport (`sentinel://`) with this module's channel."""
+
+    Channel = SentinelChannel
+
+
+def _name_the_sentinel_scheme() -> None:
+    """Make kombu's `sentinel` scheme name SentinelTransport in this process.
+
+    A `sentinel://` broker is one URL per sentinel, `;`-separated, which
+    kombu treats as failover alternates: when a connect fails it moves on to
+    the next (kombu.Connection.switch), and re-reads the transport from that
+    URL's scheme, dropping the one Celery was given (`broker_transport`). A
+    worker would run kombu's own Sentinel transport, without the fix, after
+    its first failover. Done on import, which kombu does when it first
+    resolves this module's transport for a connection, before any switch.
+    """
+    kombu_transport.TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+    # A class kombu resolved for the scheme before (private; kombu is capped).
+    getattr(kombu_transport, "_transport_cache", {}).pop("sentinel", None)
+
+
+_name_the_sentinel_scheme()

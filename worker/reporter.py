@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import kombu.exceptions
-import redis
 import redis.exceptions
 from celery import Celery
 from kombu.utils.json import dumps as json_dumps
@@ -21,7 +20,7 @@ from redis.retry import Retry
 from structlog.contextvars import bind_contextvars, bound_contextvars
 
 from taskservice import apps
-from taskservice.core import record
+from taskservice.core import connect, record
 from taskservice.core.scripts import (
     Began,
     Call,
@@ -45,6 +44,11 @@ _REPORTER = "taskservice_reporter"
 R = TypeVar("R")
 
 
+class NotReplicated(Exception):
+    """Fewer replicas than `redis_min_replicas` confirmed a record write
+    within `worker_write_retry`: a failover now could lose it."""
+
+
 class Reporter:
     """Writes record transitions for one worker (its main process and pool
     children alike: redis-py reconnects after a fork)."""
@@ -56,8 +60,13 @@ class Reporter:
         self.heartbeat_interval = settings.heartbeat_interval
         self.max_result_bytes = settings.max_result_bytes
         self._retry_for = settings.worker_write_retry
-        self._client = redis.Redis.from_url(
-            settings.redis_url,
+        self._min_replicas = settings.redis_min_replicas
+        self._replicas_ms = max(1, round(settings.redis_min_replicas_timeout * 1000))
+        # Through the sentinels when there are: a connection that finds its
+        # server demoted (READONLY) drops itself, and the retry in `run`
+        # reaches the new master.
+        self._client = connect.client(
+            settings,
             decode_responses=True,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
@@ -70,9 +79,18 @@ class Reporter:
         self._bounded_timeout = min(settings.redis_timeout, self.fence_margin / 2)
         self._bounded_client: redis.Redis | None = None
 
-    def run(self, call: Call[R], *, retry_for: float | None = None) -> R:
+    def run(
+        self,
+        call: Call[R],
+        *,
+        retry_for: float | None = None,
+        replicated: tuple[type, ...] = (),
+    ) -> R:
         """Run a script, retrying while Redis is unreachable (for at most
-        `retry_for` seconds, by default `worker_write_retry`)."""
+        `retry_for` seconds, by default `worker_write_retry`). `replicated`:
+        the replies that mean the script wrote; for those, also retry until
+        `redis_min_replicas` replicas have the write, else NotReplicated (the
+        write stays on the master)."""
         deadline = time.monotonic() + (self._retry_for if retry_for is None else retry_for)
         delay = 0.05
         while True:
@@ -81,13 +99,23 @@ class Reporter:
                 if script is None:
                     script = self._client.register_script(call.script.source)
                     self._loaded[call.script.name] = script
-                return call.parse(script(keys=call.keys, args=call.args))
+                if not (replicated and self._min_replicas):
+                    return call.parse(script(keys=call.keys, args=call.args))
+                reply, acked = self._run_replicated(script, call)
+                if acked >= self._min_replicas or not isinstance(reply, replicated):
+                    return reply
+                if time.monotonic() + delay > deadline:
+                    raise NotReplicated(
+                        f"{acked} of {self._min_replicas} Redis replica(s) confirmed the "
+                        f"{call.script.name} of a task (TASKSERVICE_REDIS_MIN_REPLICAS)"
+                    )
+                logger.warning("Redis replicas did not confirm a record write; retrying")
             except redis.exceptions.RedisError as exc:
                 if not transient(exc) or time.monotonic() + delay > deadline:
                     raise
                 logger.warning("record write failed (%s); retrying in %.2fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     def run_bounded(self, call: Call[R]) -> R:
         """Run a script once, failing after `fence_margin` / 2 (at most
@@ -105,8 +133,8 @@ class Reporter:
     def _bounded(self) -> redis.Redis:
         client = self._bounded_client
         if client is None:
-            client = self._bounded_client = redis.Redis.from_url(
-                self.settings.redis_url,
+            client = self._bounded_client = connect.client(
+                self.settings,
                 decode_responses=True,
                 socket_timeout=self._bounded_timeout,
                 socket_connect_timeout=self._bounded_timeout,
@@ -114,14 +142,33 @@ class Reporter:
             )
         return client
 
-    def begin(self, task_id: str, worker: str) -> int | None:
-        """Mark the task STARTED by this execution: its fencing token (0 for
-        a task without a key, or not taskservice's); None if it must not run."""
+    def _run_replicated(self, script: Script, call: Call[R]) -> tuple[R, int]:
+        """The script, then WAIT, on one connection (a pipeline): its reply,
+        and how many replicas have every write the connection made. The
+        record's EXPIRE in between (a write whenever the record exists) makes
+        the WAIT cover the record even when the script wrote nothing because
+        an earlier attempt, whose reply was lost, had."""
+        pipe = self._client.pipeline(transaction=False)
+        script(keys=call.keys, args=call.args, client=pipe)
+        pipe.expire(call.keys[0], self.settings.record_ttl)
+        pipe.execute_command(  # type: ignore[no-untyped-call]
+            "WAIT", self._min_replicas, self._replicas_ms
+        )
+        reply, _, acked = pipe.execute()
+        return call.parse(reply), int(acked)
+
+    def begin(
+        self, task_id: str, worker: str, *, claimed: str | None = None, task_name: str = ""
+    ) -> int | None:
+        """Mark the task STARTED by this execution: its fencing token (0 for a
+        task without a key, or not taskservice's); None if it must not run.
+        `claimed`: the message's CLAIMED_HEADER (None without), i.e. a Start
+        claimed the task, so a missing record was lost, not never made."""
         run = f"{worker}/{uuid.uuid4().hex}"
         call = self.scripts.start(
             task_id, worker=worker, run=run, lease_ms=self.lease_ms, when=time.time()
         )
-        match self.run(call):
+        match self.run(call, replicated=(Began,)):
             case Over(state):
                 logger.info("task %s already ended (%s); not running it", task_id, state)
                 return None
@@ -132,8 +179,46 @@ class Reporter:
                 if rec.exclusivity_key:
                     bind_contextvars(exclusivity_key=rec.exclusivity_key)
                 return rec.fencing_token
-        # Missing: sent to this app by something other than taskservice.
+            case Missing() if claimed is not None:
+                self._refuse_orphan(task_id, task_name, claimed, worker)
+                return None
+        # Missing and unclaimed: sent to this app by something other than a Start.
         return 0
+
+    def _refuse_orphan(self, task_id: str, task_name: str, key: str, worker: str) -> None:
+        """A Start claimed the task, yet it has no record: Redis lost it (a
+        failover to a replica that missed it, a restart without persistence).
+        Running it would run it unclaimed, maybe beside another task under its
+        key: refuse it, say so, and record what is known of it, ended LOST."""
+        logger.error(
+            "task %s (%s, exclusivity key %r) has no record although a Start claimed it: "
+            "Redis lost it (a failover or restart?); not running it",
+            task_id,
+            task_name,
+            key,
+        )
+        metrics.refused(task_name, "record_lost")
+        fields = {
+            "id": task_id,
+            "name": task_name,
+            "state": record.LOST,
+            "worker": worker,
+            "error_type": record.RECORD_LOST_ERROR,
+            "error_message": (
+                "Redis lost this task's record after its Start was accepted (a failover "
+                "to a replica that missed it, or a restart without persistence); the "
+                f"worker {worker} refused to run it. Start it again if it should run"
+            ),
+        }
+        if key:
+            fields["key"] = key
+        try:
+            written = self.run(self.scripts.orphan(task_id, fields))
+        except redis.exceptions.RedisError:
+            logger.exception("could not record the lost task %s", task_id)
+            return
+        if isinstance(written, Changed):
+            metrics.ended(task_name, record.LOST)
 
     def transition(
         self,
@@ -152,7 +237,12 @@ class Reporter:
         fields = {"finished": repr(time.time()), **fields}
         with bound_contextvars(task_id=task_id):
             call = self.scripts.transition(task_id, record.ACTIVE_STATES, new_state, fields)
-            changed = self.run(call)
+            try:
+                changed = self.run(call, replicated=(Changed,))
+            except NotReplicated as error:
+                # Written on the master, which may keep it: nothing to undo.
+                logger.warning("the end of task %s may be lost in a failover: %s", task_id, error)
+                return new_state
             if not isinstance(changed, Changed):
                 logger.debug("task %s already ended; %s not recorded", task_id, new_state)
                 return ""

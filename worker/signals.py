@@ -99,7 +99,10 @@ class Tracked(Task):  # type: ignore[type-arg]
         task_id: str | None = request.id
         if not task_id or request.called_directly or reporter is None:
             return super().__call__(*args, **kwargs)
-        token = reporter.begin(task_id, request.hostname or "")
+        claimed = request.get(record.CLAIMED_HEADER)
+        token = reporter.begin(
+            task_id, request.hostname or "", claimed=claimed, task_name=self.name
+        )
         if token is None:
             raise Ignore()
         # On the request (Celery's per-call context), not the task object,
@@ -166,6 +169,9 @@ class Tracked(Task):  # type: ignore[type-arg]
         # run can never be moved back by this one. The lease stays until the
         # message is out, so a worker dying in between still frees the key.
         reporter.transition(task_id, {record.STARTED}, record.PENDING)
+        claimed = request.get(record.CLAIMED_HEADER)
+        if claimed is not None:  # Celery does not carry custom headers over
+            options["headers"] = {**(options.get("headers") or {}), record.CLAIMED_HEADER: claimed}
         result = super().apply_async(args, kwargs, task_id, *rest, **options)
         reporter.run(reporter.scripts.release([task_id]))
         return result

@@ -36,6 +36,8 @@ gRPC. Hierarchy (code, then reason = the class's `reason`):
         RedisUnavailable                         Redis unreachable or too slow
         RedisBusy                                Redis is loading, or running a long script
         RedisReadOnly                            Redis is a replica (failover in progress)
+        RedisNotReplicated                       too few replicas confirmed a Start's writes
+                                                 in time (TASKSERVICE_REDIS_MIN_REPLICAS)
         BrokerUnavailable                        the broker refused or timed out
         ShuttingDown                             the server is draining
       DeadlineExceeded       DEADLINE_EXCEEDED   (client) the call's deadline passed first
@@ -222,6 +224,14 @@ class RedisReadOnly(Unavailable):
     """Redis answered as a read-only replica: a failover is under way."""
 
     reason = "REDIS_READ_ONLY"
+
+
+class RedisNotReplicated(Unavailable):
+    """Fewer replicas than `redis_min_replicas` confirmed a Start's writes
+    within `redis_min_replicas_timeout`: the Start was given up (nothing runs,
+    the key is free), since a failover could have lost it."""
+
+    reason = "REDIS_NOT_REPLICATED"
 
 
 class BrokerUnavailable(Unavailable):

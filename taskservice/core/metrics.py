@@ -15,6 +15,8 @@ process for all its pool processes):
 
     taskservice_tasks_ended_total{task_name, state}    ends this worker recorded
     taskservice_task_duration_seconds{task_name, state} run time of task bodies
+    taskservice_tasks_refused_total{task_name, reason} tasks it would not run: record_lost
+                                                       (a Start claimed it, Redis lost it)
 
 Each task end is counted once, by the process that wrote it: the worker for
 the outcomes of the tasks it ran (and for those it saw die or time out), the
@@ -166,6 +168,13 @@ class WorkerMetrics:
             "Seconds a task body ran, by its outcome (retried: it raised Retry).",
             ["task_name", "state"],
             buckets=TASK_BUCKETS,
+            registry=registry,
+        )
+        self.tasks_refused = Counter(
+            "taskservice_tasks_refused",
+            "Tasks this worker would not run, by why (record_lost: a Start claimed the "
+            "task but Redis lost its record).",
+            ["task_name", "reason"],
             registry=registry,
         )
 

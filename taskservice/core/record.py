@@ -79,6 +79,13 @@ from further back gets the current record instead of each change."""
 
 WORKER_LOST_ERROR = "WorkerLostError"
 NOT_ENQUEUED_ERROR = "NotEnqueued"
+RECORD_LOST_ERROR = "RecordLost"
+
+CLAIMED_HEADER = "taskservice_claimed"
+"""The task message header a Start sets (its value: the exclusivity key, ""
+for none): the task was claimed, so a worker that finds no record for it
+knows Redis lost the record (and refuses to run it), where a plain
+`delay()` of an exposed task never had one."""
 
 
 def clip(text: str, limit: int) -> str:

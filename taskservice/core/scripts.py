@@ -69,6 +69,7 @@ NAMES = (
     "sweep",
     "list",
     "remember",
+    "orphan",
 )
 """Every script, by the name of its file."""
 
@@ -281,6 +282,13 @@ def _abandon(reply: Any) -> Abandoned | Moved | Missing:
     return Abandoned(TaskRecord.from_json(detail))
 
 
+def _orphan(reply: Any) -> Changed | Moved:
+    status, detail = _status(reply)
+    if status == "exists":
+        return Moved(TaskRecord.from_json(detail))
+    return Changed(TaskRecord.from_json(detail))
+
+
 def _start(reply: Any) -> Began | RunningElsewhere | Over | Missing:
     status, detail = _status(reply)
     if status == "started":
@@ -394,13 +402,27 @@ class Scripts:
         args = [task_id, str(provisional_ms), *request_args, *push_args, *_pairs(fields)]
         return self._call("claim", keys, _claim, *args)
 
-    def confirm(self, task_id: str) -> Call[Confirmed | Moved | Missing]:
-        """The broker has the message: drop the provisional lease."""
-        return self._task("confirm", task_id, _confirm)
+    def confirm(
+        self, task_id: str, *, push: tuple[str, str] | None = None
+    ) -> Call[Confirmed | Moved | Missing]:
+        """The broker has the message: drop the provisional lease. With
+        `push` (broker list, message), the message is enqueued now, in the
+        same step (a claim that had to reach replicas first pushes here)."""
+        return self._task("confirm", task_id, _confirm, *(push or ("", "")))
 
-    def abandon(self, task_id: str, message: str) -> Call[Abandoned | Moved | Missing]:
-        """Publishing failed: end the task and give its key back."""
-        return self._task("abandon", task_id, _abandon, message)
+    def abandon(
+        self, task_id: str, message: str, *, withdraw: bool = False
+    ) -> Call[Abandoned | Moved | Missing]:
+        """Publishing failed: end the task and give its key back. With
+        `withdraw`, also a task whose message is in the broker, as long as it
+        is queued (a worker that gets it refuses it, ended)."""
+        return self._task("abandon", task_id, _abandon, message, "1" if withdraw else "")
+
+    def orphan(self, task_id: str, fields: Mapping[str, str]) -> Call[Changed | Moved]:
+        """Record a claimed task whose record Redis lost, with `fields` (ended,
+        see orphan.lua): Changed(record) if written, Moved(record) if a record
+        exists after all."""
+        return self._task("orphan", task_id, _orphan, *_pairs(fields))
 
     def start(
         self, task_id: str, *, worker: str, run: str, lease_ms: int, when: float

@@ -10,6 +10,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,13 +22,51 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TASKSERVICE_", frozen=True, extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding taskservice's task records, exclusivity keys, leases and events."""
+    """Redis holding taskservice's task records, exclusivity keys, leases and
+    events. With `redis_sentinels`, only its database number and credentials
+    are used: the sentinels say where the master is."""
 
     broker_url: str | None = None
-    """Celery broker URL; defaults to `redis_url`."""
+    """Celery broker URL; defaults to the records' Redis (`redis_url`, or its
+    sentinels)."""
 
     result_backend: str | None = None
-    """Celery result backend URL; defaults to `redis_url`."""
+    """Celery result backend URL; defaults to the records' Redis (`redis_url`,
+    or its sentinels)."""
+
+    redis_sentinels: str = ""
+    """Comma-separated `host:port` of the Redis Sentinels watching the records'
+    Redis (with `redis_sentinel_master`). Then every part finds the current
+    master through them and follows a failover by itself: the server's calls
+    and event subscription, the workers' record writes, and, unless
+    `broker_url` or `result_backend` name another, Celery's broker (kombu's
+    `sentinel://` transport) and result backend. `redis_url` then gives only
+    the database number and the master's credentials (`redis://[user:password@]
+    any-host/db`): its host and port are not used. Empty: `redis_url` is the
+    Redis itself."""
+
+    redis_sentinel_master: str = ""
+    """The name the sentinels know the records' master set by (`sentinel
+    monitor <name> ...` in their configuration); required with
+    `redis_sentinels`."""
+
+    redis_sentinel_password: SecretStr = SecretStr("")
+    """Password of the sentinels themselves (their `requirepass`), if they
+    have one; the master's own password goes in `redis_url`."""
+
+    redis_min_replicas: int = Field(default=0, ge=0)
+    """Replicas that must have a write before it counts (Redis's `WAIT`): with
+    1 or more, a Start answers OK only once the replicas hold its claim and
+    its message, and a worker runs a task body only once they hold its start
+    (and records an outcome only once they hold it), so a failover to one of
+    them loses no accepted task. A Start whose replicas do not answer within
+    `redis_min_replicas_timeout` answers UNAVAILABLE (REDIS_NOT_REPLICATED)
+    and gives its key back. 0: writes count once the master has them
+    (replication is asynchronous: a failover may lose the last ones)."""
+
+    redis_min_replicas_timeout: float = Field(default=0.5, gt=0)
+    """Seconds a write waits for `redis_min_replicas` replicas; below
+    `redis_timeout`, since the wait holds the connection."""
 
     key_prefix: str = "taskservice"
     """Prefix of every Redis key and channel taskservice uses (several
@@ -224,6 +263,28 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _sentinels_complete(self) -> Settings:
+        if bool(self.redis_sentinels.strip()) != bool(self.redis_sentinel_master):
+            raise ValueError("redis_sentinels and redis_sentinel_master are set together")
+        if self.redis_sentinels.strip():
+            scheme = self.redis_url.split("://", 1)[0]
+            if scheme != "redis":
+                raise ValueError(
+                    f"with redis_sentinels, redis_url gives the database and credentials as a "
+                    f"redis:// URL (not {scheme}://; TLS to a Sentinel-managed Redis is not "
+                    "supported)"
+                )
+            for address in self.sentinel_addresses:
+                if not address[0] or not 0 < address[1] < 65536:
+                    raise ValueError(f"redis_sentinels: {address[0]}:{address[1]} is no host:port")
+        if self.redis_min_replicas and self.redis_min_replicas_timeout >= self.redis_timeout:
+            raise ValueError(
+                f"redis_min_replicas_timeout ({self.redis_min_replicas_timeout:g}s) must be "
+                f"below redis_timeout ({self.redis_timeout:g}s): the wait holds the connection"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:
         if self.heartbeat_interval * 2 > self.lease:
             raise ValueError(
@@ -255,14 +316,41 @@ class Settings(BaseSettings):
         return self.publish_timeout + self.lease
 
     @property
+    def sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        """The sentinels (host, port) of `redis_sentinels`; () without."""
+        found = []
+        for entry in self.redis_sentinels.split(","):
+            host, _, port = entry.strip().rpartition(":")
+            if entry.strip():
+                found.append((host.strip("[]"), int(port) if port.isdigit() else 0))
+        return tuple(found)
+
+    @property
+    def records_celery_url(self) -> str:
+        """The records' Redis as Celery's broker or result backend URL:
+        `redis_url`, or with sentinels kombu's `sentinel://` list (one entry
+        per sentinel, `;`-separated, each with redis_url's credentials and
+        database; the master's name goes in the transport options)."""
+        if not self.sentinel_addresses:
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        credentials = parts.netloc.rpartition("@")[0]
+        credentials = f"{credentials}@" if credentials else ""
+        database = parts.path.strip("/") or "0"
+        return ";".join(
+            f"sentinel://{credentials}{_host(host)}:{port}/{database}"
+            for host, port in self.sentinel_addresses
+        )
+
+    @property
     def effective_broker_url(self) -> str:
-        """The Celery broker: broker_url, else redis_url."""
-        return self.broker_url or self.redis_url
+        """The Celery broker: broker_url, else the records' Redis (`records_celery_url`)."""
+        return self.broker_url or self.records_celery_url
 
     @property
     def effective_result_backend(self) -> str:
-        """Celery's result backend: result_backend, else redis_url."""
-        return self.result_backend or self.redis_url
+        """Celery's result backend: result_backend, else the records' Redis."""
+        return self.result_backend or self.records_celery_url
 
     @property
     def queue_names(self) -> tuple[str, ...]:
@@ -273,6 +361,10 @@ class Settings(BaseSettings):
     def task_modules(self) -> tuple[str, ...]:
         """The modules whose exposed tasks may be started."""
         return tuple(m.strip() for m in self.tasks.split(",") if m.strip())
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 ENV_PREFIX = "TASKSERVICE_"

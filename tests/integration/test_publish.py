@@ -25,6 +25,7 @@ from google.protobuf import json_format
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
 from taskservice.cli.embedded import stop_process_group, tied_to_this_process
+from taskservice.core.record import CLAIMED_HEADER
 from taskservice.core.settings import Settings
 from taskservice.server.publisher import Delivery, Publisher, create_publisher
 from tests.conftest import REDIS_PORT, ROOT, start_server_process, wait_for_log
@@ -190,6 +191,7 @@ def test_a_message_is_pushed_only_where_kombu_would_push_the_same(
             for declared in kombu.amqp.queues.values():  # as the team's worker does
                 declared.bind(connection.default_channel).declare()
         options: dict[str, Any] = {"args": [1], "kwargs": {}, "queue": queue, "priority": priority}
+        options["headers"] = {CLAIMED_HEADER: ""}  # as Publisher.send marks a Start's message
         kombu.send_task(task_name, task_id="id-kombu", **options)
         lists = {key: client.lrange(key, 0, -1) for key in client.scan_iter(_type="list")}
         [(where, [sent])] = lists.items()  # kombu's one message, wherever it went

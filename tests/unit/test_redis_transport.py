@@ -7,6 +7,10 @@ leaves the message in the `unacked` hash for the visibility timeout; the
 transport taskservice configures raises only what Celery ignores while
 reconnecting, and the message is back in its queue once Redis is.
 
+Each case runs twice: with a `redis://` broker, and with the same Redis
+reached through a sentinel (`sentinel://`, kombu's SentinelChannel, which
+taskservice selects with TASKSERVICE_REDIS_SENTINELS and fixes the same way).
+
 The stock cases are expected to fail the way they do: they prove that kombu
 still has the bug. If a kombu release makes them fail, kombu fixed it, and the
 fix in taskservice.worker.redis_transport may be dropped. pyproject.toml keeps
@@ -20,6 +24,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import kombu
@@ -27,40 +32,79 @@ import pytest
 import redis
 from celery import Celery
 from kombu import pidbox
+from kombu.transport import get_transport_cls
 from kombu.transport import redis as kombu_redis
 
 from taskservice import apps
-from taskservice.cli.embedded import EmbeddedRedis
+from taskservice.cli.embedded import EmbeddedRedis, free_port
 from taskservice.core.settings import Settings
+from taskservice.worker.redis_transport import SentinelTransport
+from tests.support.sentinels import MASTER_NAME, start_sentinel, stop_sentinel
 
 STOCK = "kombu"
 OURS = "taskservice"
+DIRECT = "redis://"
+SENTINEL = "sentinel://"
 QUEUE = "transport-test"
 PAYLOAD = {"task": "held while Redis restarts"}
 
 
-@pytest.fixture
-def broker() -> Iterator[EmbeddedRedis]:
+@pytest.fixture(params=[DIRECT, SENTINEL])
+def broker(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_server: EmbeddedRedis
+) -> Iterator[Broker]:
     """A Redis of the test's own that writes every change to disk at once, so
-    that after SIGKILL and a restart the `unacked` hash is where kombu left it."""
+    that after SIGKILL and a restart the `unacked` hash is where kombu left it;
+    reached directly, or through a sentinel watching it (which, with no
+    replica to promote, keeps naming it). Started after the session's Redis,
+    whose port is chosen early but bound only then."""
     own = EmbeddedRedis(args=("--appendonly", "yes", "--appendfsync", "always")).start()
-    yield own
-    own.stop()
+    sentinel = None
+    settings = Settings(redis_url=own.url, redis_timeout=0.5)
+    if request.param == SENTINEL:
+        port = free_port()
+        sentinel = start_sentinel(tmp_path / "sentinel", port, own.port, quorum=1,
+                                  down_after_ms=60_000)  # fmt: skip
+        settings = Settings(
+            redis_url=own.url,
+            redis_timeout=0.5,
+            redis_sentinels=f"127.0.0.1:{port}",
+            redis_sentinel_master=MASTER_NAME,
+        )
+    try:
+        yield Broker(own, settings)
+    finally:
+        if sentinel is not None:
+            stop_sentinel(sentinel)
+        own.stop()
 
 
-def connect(broker: EmbeddedRedis, transport: str) -> kombu.Connection:
+@dataclass
+class Broker:
+    """The broker's Redis, and the settings that reach it (directly or not)."""
+
+    redis: EmbeddedRedis
+    settings: Settings
+
+
+def connect(broker: Broker, transport: str) -> kombu.Connection:
     """A broker connection as taskservice's worker opens one (its app's
-    configuration), with kombu's stock Redis transport or with the one
-    taskservice configures (whatever taskservice.apps selects)."""
+    configuration), with kombu's stock transport for the broker's URL or with
+    the one taskservice configures (whatever taskservice.apps selects)."""
     app = Celery("transport-test", set_as_current=False)
-    apps.configure(app, Settings(redis_url=broker.url, redis_timeout=0.5))
+    apps.configure(app, broker.settings)
     # A BRPOP answers nil after polling_interval (1 s by default): one the test
     # left unread that long would end cleanly, and the failure below needs it
     # still pending when Redis goes away (a worker reads each reply at once
     # and sends the next BRPOP, so its consuming channel always has one).
     options = {"polling_interval": 60}
     if transport == STOCK:
-        return app.connection_for_read(transport=kombu_redis.Transport, transport_options=options)
+        stock = (
+            kombu_redis.SentinelTransport
+            if broker.settings.sentinel_addresses
+            else kombu_redis.Transport
+        )
+        return app.connection_for_read(transport=stock, transport_options=options)
     return app.connection_for_read(transport_options=options)
 
 
@@ -83,7 +127,7 @@ class Worker:
             pass
 
 
-def lose_redis_holding_a_message(broker: EmbeddedRedis, transport: str) -> Worker:
+def lose_redis_holding_a_message(broker: Broker, transport: str) -> Worker:
     """Run the reconnect sequence of the docstring of taskservice.worker.
     redis_transport up to Celery's `connection.collect()`, Redis being down."""
     connection = connect(broker, transport)
@@ -115,16 +159,16 @@ def lose_redis_holding_a_message(broker: EmbeddedRedis, transport: str) -> Worke
         except TimeoutError:
             break
     ignored = connection.connection_errors + connection.channel_errors
-    broker.crash()
+    broker.redis.crash()
     # As celery.worker.consumer.Consumer.on_connection_error_after_connected.
     with contextlib.suppress(Exception):
         connection.collect()
     return Worker(connection, consumer.channel, ignored)
 
 
-def count(broker: EmbeddedRedis) -> tuple[int, int]:
+def count(broker: Broker) -> tuple[int, int]:
     """(messages waiting in the queue, messages in the unacked hash)."""
-    client = redis.Redis(port=broker.port)
+    client = redis.Redis(port=broker.redis.port)
     try:
         unacked_key = kombu_redis.Channel.unacked_key
         return client.llen(QUEUE), client.hlen(unacked_key)
@@ -134,7 +178,7 @@ def count(broker: EmbeddedRedis) -> tuple[int, int]:
 
 @pytest.mark.parametrize("transport", [STOCK, OURS])
 def test_a_worker_survives_closing_its_channel_after_redis_went_away(
-    broker: EmbeddedRedis, transport: str
+    broker: Broker, transport: str
 ) -> None:
     worker = lose_redis_holding_a_message(broker, transport)
     if transport == STOCK:
@@ -147,14 +191,14 @@ def test_a_worker_survives_closing_its_channel_after_redis_went_away(
 
 @pytest.mark.parametrize("transport", [STOCK, OURS])
 def test_a_message_held_through_a_redis_restart_goes_back_to_its_queue_on_reconnect(
-    broker: EmbeddedRedis, transport: str
+    broker: Broker, transport: str
 ) -> None:
     worker = lose_redis_holding_a_message(broker, transport)
     # The stock transport raises AttributeError here (the test above): the
     # worker process dies, and a supervisor starts a new one.
     with contextlib.suppress(AttributeError):
         worker.close_consumer_channel()
-    broker.start()
+    broker.redis.start()
     assert count(broker) == (0, 1)  # still unacknowledged, as the crash left it
 
     connection = connect(broker, transport)
@@ -170,5 +214,27 @@ def test_a_message_held_through_a_redis_restart_goes_back_to_its_queue_on_reconn
         with connection.Consumer(queue, callbacks=[lambda body, m: received.append(body)]):
             connection.drain_events(timeout=5)
         assert received == [PAYLOAD]
+    finally:
+        connection.release()
+
+
+def test_a_sentinel_broker_connection_keeps_the_fixed_transport_on_the_next_sentinel() -> None:
+    """kombu moves a failed connection on to the next `;`-separated URL (one
+    per sentinel) and re-reads the transport from its scheme: `sentinel` must
+    then name taskservice's transport, or the fix is gone after a failover."""
+    app = Celery("transport-test", set_as_current=False)
+    settings = Settings(
+        redis_url="redis://ignored/0",
+        redis_sentinels="127.0.0.1:1,127.0.0.1:2",
+        redis_sentinel_master=MASTER_NAME,
+    )
+    apps.configure(app, settings)
+    connection = app.connection_for_read()
+    try:
+        assert connection.transport_cls == apps.SENTINEL_TRANSPORT
+        connection.maybe_switch_next()  # what a failed connect does
+        assert connection.hostname == "127.0.0.1" and connection.port == 2
+        assert connection.transport_cls == "sentinel"  # kombu's own doing
+        assert get_transport_cls(connection.transport_cls) is SentinelTransport
     finally:
         connection.release()

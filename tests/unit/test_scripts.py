@@ -288,6 +288,77 @@ def test_abandon_after_a_worker_started_the_task_keeps_it(store: Store) -> None:
     assert store.holder("k") == task_id
 
 
+def test_a_confirm_with_a_message_pushes_it_once_and_only_while_the_claim_waits(
+    store: Store,
+) -> None:
+    queue = f"{store.prefix}:queue"
+    task_id = store.new("k", confirm=False)
+    call = store.scripts.confirm(task_id, push=(queue, "message"))
+    assert store.run(call) == Confirmed()
+    assert isinstance(store.run(call), Moved)  # a retry pushes nothing more
+    assert store.client.lrange(queue, 0, -1) == ["message"]
+    assert store.lease(task_id) is None
+    ended = store.new("j", confirm=False)
+    store.run(store.scripts.abandon(ended, "given up"))
+    assert isinstance(store.run(store.scripts.confirm(ended, push=(queue, "late"))), Moved)
+    assert store.client.llen(queue) == 1  # an abandoned claim never enqueues
+
+
+def test_withdraw_ends_a_confirmed_queued_task_and_gives_its_key_back(store: Store) -> None:
+    task_id = store.new("k")  # confirmed: its message is in the broker
+    assert isinstance(store.run(store.scripts.abandon(task_id, "x")), Moved)
+    withdrawn = store.run(store.scripts.abandon(task_id, "replicas", withdraw=True))
+    assert isinstance(withdrawn, Abandoned) and withdrawn.record.state == record.REVOKED
+    assert store.holder("k") is None
+    # The worker that gets the message then refuses it.
+    start = store.scripts.start(task_id, worker="w", run="r", lease_ms=LONG, when=1.0)
+    assert store.run(start) == Over(record.REVOKED)
+
+
+def test_withdraw_keeps_a_task_a_worker_started(store: Store) -> None:
+    task_id = store.started("k")
+    moved = store.run(store.scripts.abandon(task_id, "replicas", withdraw=True))
+    assert isinstance(moved, Moved) and moved.record.state == record.STARTED
+    assert store.holder("k") == task_id
+
+
+# -- orphan ------------------------------------------------------------------
+
+
+def orphan_fields(task_id: str, key: str = "") -> dict[str, str]:
+    fields = {"id": task_id, "name": "t", "state": record.LOST, "error_type": "RecordLost"}
+    return {**fields, "key": key} if key else fields
+
+
+def test_orphan_records_a_lost_task_ended_without_touching_its_key(store: Store) -> None:
+    holder = store.started("k")
+    lost = str(uuid.uuid4())
+    changes = store.client.pubsub()
+    changes.subscribe(record.events_channel(store.prefix))
+    changes.get_message(timeout=1)  # the subscription's confirmation
+    written = store.run(store.scripts.orphan(lost, orphan_fields(lost, "k")))
+    assert isinstance(written, Changed)
+    rec = written.record
+    assert (rec.state, rec.exclusivity_key, rec.sequence) == (record.LOST, "k", 1)
+    assert rec.error is not None and rec.error.type == "RecordLost" and rec.finished
+    assert store.holder("k") == holder  # held by a claim Redis kept
+    message = changes.get_message(timeout=1)
+    assert message is not None and message["data"].startswith(lost + " ")
+    changes.close()
+    listed = store.run(
+        store.scripts.list_page(record.index_key(store.prefix), after=None, size=10, budget=10)
+    )
+    assert lost in [r.id for _, r in listed.entries]
+    active = record.index_key(store.prefix, active=True)
+    assert store.client.zscore(active, lost) is None
+
+
+def test_orphan_never_overwrites_a_record(store: Store) -> None:
+    task_id = store.new("k")
+    moved = store.run(store.scripts.orphan(task_id, orphan_fields(task_id)))
+    assert isinstance(moved, Moved) and moved.record.state == record.PENDING
+
+
 # -- start -------------------------------------------------------------------
 
 

@@ -41,8 +41,9 @@ class TaskServiceStub(object):
     RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
     REDIS_POOL_EXHAUSTED (retry with backoff)
     UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
-    BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
-    Start that answers UNAVAILABLE left nothing running)
+    REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
+    (all retryable: a Start that answers UNAVAILABLE left
+    nothing running)
     """
 
     def __init__(self, channel):
@@ -99,8 +100,9 @@ class TaskServiceServicer(object):
     RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
     REDIS_POOL_EXHAUSTED (retry with backoff)
     UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
-    BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
-    Start that answers UNAVAILABLE left nothing running)
+    REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
+    (all retryable: a Start that answers UNAVAILABLE left
+    nothing running)
     """
 
     def Start(self, request, context):
@@ -225,8 +227,9 @@ class TaskService(object):
     RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
     REDIS_POOL_EXHAUSTED (retry with backoff)
     UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
-    BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
-    Start that answers UNAVAILABLE left nothing running)
+    REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
+    (all retryable: a Start that answers UNAVAILABLE left
+    nothing running)
     """
 
     @staticmethod

@@ -42,8 +42,9 @@ class TaskServiceStub:
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
                            REDIS_POOL_EXHAUSTED (retry with backoff)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
-                           BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
-                           Start that answers UNAVAILABLE left nothing running)
+                           REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
+                           (all retryable: a Start that answers UNAVAILABLE left
+                           nothing running)
     """
 
     @_typing.overload
@@ -108,8 +109,9 @@ class TaskServiceAsyncStub(TaskServiceStub):
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
                            REDIS_POOL_EXHAUSTED (retry with backoff)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
-                           BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
-                           Start that answers UNAVAILABLE left nothing running)
+                           REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
+                           (all retryable: a Start that answers UNAVAILABLE left
+                           nothing running)
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -170,8 +172,9 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
                            REDIS_POOL_EXHAUSTED (retry with backoff)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
-                           BROKER_UNAVAILABLE, SHUTTING_DOWN (all retryable: a
-                           Start that answers UNAVAILABLE left nothing running)
+                           REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
+                           (all retryable: a Start that answers UNAVAILABLE left
+                           nothing running)
     """
 
     @_abc_1.abstractmethod
