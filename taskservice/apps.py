@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.app.utils import find_app
 
+from taskservice.core import connect
 from taskservice.core.registry import EXPOSED, NotTrackable
 from taskservice.core.settings import Settings
 
@@ -182,12 +183,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def _sentinel_options(settings: Settings) -> dict[str, Any]:
     """kombu's and Celery's options for a `sentinel://` URL: the master's
-    name, and the sentinels' own password and timeouts."""
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": settings.redis_timeout,
-        "socket_connect_timeout": settings.redis_timeout,
+    name, and how to talk to the sentinels themselves."""
+    return {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_kwargs": connect.sentinel_options(settings),
     }
-    password = settings.redis_sentinel_password.get_secret_value()
-    if password:
-        sentinel_kwargs["password"] = password
-    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": sentinel_kwargs}
