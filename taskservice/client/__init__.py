@@ -31,7 +31,8 @@ from taskservice.client.base import (
     default_target,
     error_from,
 )
-from taskservice.client.models import Parameter, Progress, Task, TaskError, TaskType
+from taskservice.client.models import Parameter, Task, TaskError, TaskType
+from taskservice.core.record import Progress
 from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
 
 __all__ = [

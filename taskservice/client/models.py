@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
+from taskservice.core.record import Progress
 from taskservice.core.states import CancelMode, TaskState
 
 
@@ -20,15 +21,6 @@ class TaskError:
     type: str
     message: str
     traceback: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """How far a running task says it is (`report_progress`)."""
-
-    current: float
-    total: float
-    message: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -171,7 +171,8 @@ def events_channel(prefix: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """How far a running task says it is."""
+    """How far a running task says it is (`report_progress`): the record's
+    and the client's Task's."""
 
     current: float
     total: float
