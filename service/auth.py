@@ -8,8 +8,9 @@ TASKSERVICE_TOKENS_FILE (one per line; `#` starts a comment). An entry is
 `authorization: Bearer <token>` metadata.
 
 METHODS names the permission of every method of every service the server
-serves: Start needs `start`, Cancel `cancel`, every other TaskService method
-and reflection `read`; the health service is OPEN (probes need no token).
+serves: Start needs `start`, Cancel and CancelTasks `cancel`, every other
+TaskService method and reflection `read`; the health service is OPEN
+(probes need no token).
 A method not in METHODS is refused with PERMISSION_DENIED, naming it, to
 every caller:
 
@@ -54,6 +55,7 @@ METHODS: Mapping[str, str] = MappingProxyType(
         "/taskservice.v1.TaskService/Start": "start",
         "/taskservice.v1.TaskService/GetStatus": "read",
         "/taskservice.v1.TaskService/Cancel": "cancel",
+        "/taskservice.v1.TaskService/CancelTasks": "cancel",
         "/taskservice.v1.TaskService/WatchStatus": "read",
         "/taskservice.v1.TaskService/ListTaskTypes": "read",
         "/taskservice.v1.TaskService/ListTasks": "read",

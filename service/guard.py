@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from taskservice.core import errors
@@ -61,6 +62,68 @@ _DECODE_REASONS = (
 )
 
 
+_RECURSION_LIMIT = 100
+"""protobuf's default limit on how deep messages may nest when decoding."""
+
+
+def _why_undecodable(descriptor: Descriptor, data: bytes) -> str | None:
+    """Which of `_DECODE_REASONS`' reasons broke `data`, when protobuf's
+    error does not say (protobuf 6 names only the message type): a string
+    field that is not UTF-8, or messages nested past the recursion limit."""
+    markers = dict(_DECODE_REASONS)
+    try:
+        found = _walk(descriptor, memoryview(data), 1)
+    except (IndexError, ValueError):  # truncated: not one of the two
+        return None
+    return markers[found] if found else None
+
+
+def _walk(descriptor: Descriptor, data: memoryview, depth: int) -> str | None:
+    if depth > _RECURSION_LIMIT:
+        return "MaxDepth"
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        wire_type = key & 7
+        if wire_type == 0:
+            _, at = _varint(data, at)
+        elif wire_type in (1, 5):
+            at += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            size, at = _varint(data, at)
+            if at + size > len(data):
+                raise ValueError("truncated")
+            chunk, at = data[at : at + size], at + size
+            field = descriptor.fields_by_number.get(key >> 3)
+            if field is None:
+                continue
+            if field.type == FieldDescriptor.TYPE_STRING:
+                try:
+                    bytes(chunk).decode("utf-8")
+                except UnicodeDecodeError:
+                    return "UTF-8"
+            elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type:
+                found = _walk(field.message_type, chunk, depth + 1)
+                if found:
+                    return found
+        else:  # groups, or not protobuf at all
+            return None
+    return None
+
+
+def _varint(data: memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
 class Undecodable:
     """Stands in for a request whose bytes did not decode."""
 
@@ -82,6 +145,10 @@ def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any],
 def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
+    # The generated FromString is bound to its message class.
+    descriptor: Descriptor | None = getattr(
+        getattr(deserializer, "__self__", None), "DESCRIPTOR", None
+    )
 
     def deserialize(data: bytes) -> Any:
         try:
@@ -91,7 +158,10 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
             for marker, reason in _DECODE_REASONS:
                 if marker in text:
                     return Undecodable(reason)
-            return Undecodable("the request is not a valid protobuf message of the method's type")
+            found = _why_undecodable(descriptor, data) if descriptor is not None else None
+            return Undecodable(
+                found or "the request is not a valid protobuf message of the method's type"
+            )
 
     return deserialize
 

@@ -1,4 +1,5 @@
-"""ListTasks page tokens: opaque to callers, checked strictly when they come back.
+"""Page tokens of ListTasks and CancelTasks: opaque to callers, checked
+strictly when they come back.
 
 A token says where the previous page ended (the index score and the task id
 of its last entry) and which filters it listed, as a fingerprint. A token is
@@ -51,23 +52,30 @@ def encode(score: str, task_id: str, fingerprint: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def decode(token: str, fingerprint: str) -> tuple[str, str]:
+def decode(
+    token: str,
+    fingerprint: str,
+    *,
+    rpc: str = "ListTasks",
+    bound_to: str = "states, task_name and exclusivity_key",
+) -> tuple[str, str]:
     """The (score, task id) `token` continues after, if `encode` wrote it for
-    a listing whose filters have `fingerprint`.
+    a call of `rpc` whose filters (`bound_to`, as the messages name them)
+    have `fingerprint`.
 
     InvalidArgument, with a violation on `page_token`, for anything else:
     whatever the token holds, nothing else is raised."""
     found = _TEXT.fullmatch(_text(token)) if _well_formed(token) else None
     if found is None:
         raise InvalidArgument(
-            "page_token is not one ListTasks returned; start again with an empty one",
-            violations=[("page_token", "not a token ListTasks returned")],
+            f"page_token is not one {rpc} returned; start again with an empty one",
+            violations=[("page_token", f"not a token {rpc} returned")],
         )
     score, task_id, issued_for = found.groups()
     if issued_for != fingerprint:
         raise InvalidArgument(
-            "page_token belongs to a listing with other filters; pass the same states, "
-            "task_name and exclusivity_key as for the first page",
+            f"page_token belongs to a {rpc} call with other filters; pass the same "
+            f"{bound_to} as for the first page",
             violations=[("page_token", "filters differ from the first page's")],
         )
     return score, task_id

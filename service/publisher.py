@@ -21,6 +21,7 @@ import base64
 import bisect
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import reprlib
 import uuid
@@ -34,7 +35,7 @@ from celery.app.routes import MapRoute
 from celery.utils.nodenames import anon_nodename
 from kombu import Queue
 from kombu.transport.redis import PRIORITY_STEPS
-from kombu.utils.json import dumps as json_dumps
+from kombu.utils import json as kombu_json
 
 from taskservice import apps
 from taskservice.core.errors import BrokerUnavailable, PublishBacklog
@@ -74,6 +75,20 @@ class Delivery:
     `apply_async`."""
     exclusivity_key: str = ""
     """The key its Start claimed ("" for none), carried in CLAIMED_HEADER."""
+    trace_context: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Its Start's trace context (W3C `traceparent`, `tracestate`), carried
+    in the message's headers so that the task's run continues the trace
+    (taskservice.server.tracing); empty when tracing is off."""
+
+    def to_json(self) -> str:
+        """The delivery as kept for a deferred task (kombu's JSON, so that
+        arguments converted to dates, UUIDs or decimals come back as such)."""
+        return kombu_json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Delivery:
+        """A delivery kept by `to_json`."""
+        return cls(**kombu_json.loads(text))
 
 
 class Ticket:
@@ -110,6 +125,11 @@ class Publisher:
         self._pending = 0
         self._publish_pool = ThreadPoolExecutor(PUBLISH_THREADS, thread_name_prefix="publish")
         self._control_pool = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="control")
+
+    @property
+    def app(self) -> Celery:
+        """The app it publishes with: the broker settings of the workers."""
+        return self._app
 
     @property
     def default_queue(self) -> str:
@@ -207,8 +227,12 @@ class Publisher:
             argsrepr=_REPR.repr(delivery.args),
             kwargsrepr=_REPR.repr(delivery.kwargs),
         )
-        headers = {**message.headers, CLAIMED_HEADER: delivery.exclusivity_key}
-        body = json_dumps(message.body).encode("utf-8")
+        headers = {
+            **message.headers,
+            CLAIMED_HEADER: delivery.exclusivity_key,
+            **delivery.trace_context,
+        }
+        body = kombu_json.dumps(message.body).encode("utf-8")
         properties = {
             **message.properties,
             "delivery_mode": 2,
@@ -224,7 +248,7 @@ class Publisher:
             "headers": headers,
             "properties": properties,
         }
-        return str(json_dumps(envelope))
+        return str(kombu_json.dumps(envelope))
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[Ticket]:
@@ -262,7 +286,7 @@ class Publisher:
             soft_time_limit=delivery.soft_time_limit,  # type: ignore[arg-type]
             # As apply_async does; None leaves the routes' priority.
             priority=delivery.priority,
-            headers={CLAIMED_HEADER: delivery.exclusivity_key},
+            headers={CLAIMED_HEADER: delivery.exclusivity_key, **delivery.trace_context},
         )
         loop = asyncio.get_running_loop()
         release = ticket.hand_over()
@@ -276,14 +300,15 @@ class Publisher:
         future.add_done_callback(released)
         await _bounded(future, wait, "the Celery broker did not take the message")
 
-    async def revoke(self, task_id: str, *, signal: str | None = None) -> None:
-        """Broadcast Celery's revoke; with `signal`, the worker running the task
-        also sends that signal to its process."""
+    async def revoke(self, task_ids: list[str], *, signal: str | None = None) -> None:
+        """Broadcast Celery's revoke of `task_ids` (one message for all); with
+        `signal`, the workers running them also send that signal to their
+        processes."""
         revoke = self._app.control.revoke
         if signal is None:
-            call = functools.partial(revoke, task_id)
+            call = functools.partial(revoke, list(task_ids))
         else:
-            call = functools.partial(revoke, task_id, terminate=True, signal=signal)
+            call = functools.partial(revoke, list(task_ids), terminate=True, signal=signal)
         future = self._control_pool.submit(call)
         await _bounded(future, self._timeout, "the Celery broker did not take the revoke")
 

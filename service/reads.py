@@ -14,6 +14,7 @@ from structlog.contextvars import bind_contextvars
 from taskservice.core import record
 from taskservice.core.errors import InvalidArgument, KeyNotFound, TaskNotFound
 from taskservice.core.record import TaskRecord
+from taskservice.core.scripts import ListPage
 from taskservice.server import page_tokens
 from taskservice.server.records import Records, check_exclusivity_key, parse_task_id
 
@@ -92,34 +93,11 @@ class Reads:
         """A page of the tasks `wanted` selects, newest first, whose sizes
         (`size_of`, as the response will carry them) add up to at most
         `max_bytes` (always at least one task)."""
-        if page_size < 0:
-            raise InvalidArgument(
-                "page_size must not be negative (0 means the default, 50)",
-                violations=[("page_size", "must not be negative")],
-            )
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = checked_page_size(page_size, default=DEFAULT_PAGE_SIZE)
         if wanted.exclusivity_key:
             check_exclusivity_key(wanted.exclusivity_key)
         after = _cursor(page_token, wanted) if page_token else None
-        # The narrowest index that holds every wanted task; the script checks
-        # the rest of the filter on each record it reads.
-        index = record.index_key(
-            self._records.prefix,
-            key=wanted.exclusivity_key,
-            name=wanted.task_name,
-            active=bool(wanted.states) and wanted.states <= record.ACTIVE_STATES,
-        )
-        found = await self._records.run(
-            self._records.scripts.list_page(
-                index,
-                after=after,
-                size=size,
-                budget=LIST_BUDGET,
-                states=wanted.states,
-                name=wanted.task_name,
-                exclusivity_key=wanted.exclusivity_key,
-            )
-        )
+        found = await self.scan(wanted, size=size, after=after)
         tasks: list[TaskRecord] = []
         total = 0
         kept = ""
@@ -132,6 +110,43 @@ class Reads:
             kept = entry_score
         token = _token(found.score, found.last_id, wanted) if found.more else ""
         return Page(tasks, token)
+
+    async def scan(
+        self, wanted: TaskFilter, *, size: int, after: tuple[str, str] | None
+    ) -> ListPage:
+        """Up to `size` tasks `wanted` selects, newest first, after the
+        cursor `after` (score, id), looking at no more than LIST_BUDGET
+        index entries; where the scan stopped, for the next page's token."""
+        # The narrowest index that holds every wanted task; the script checks
+        # the rest of the filter on each record it reads.
+        index = record.index_key(
+            self._records.prefix,
+            key=wanted.exclusivity_key,
+            name=wanted.task_name,
+            active=bool(wanted.states) and wanted.states <= record.ACTIVE_STATES,
+        )
+        return await self._records.run(
+            self._records.scripts.list_page(
+                index,
+                after=after,
+                size=size,
+                budget=LIST_BUDGET,
+                states=wanted.states,
+                name=wanted.task_name,
+                exclusivity_key=wanted.exclusivity_key,
+            )
+        )
+
+
+def checked_page_size(page_size: int, *, default: int) -> int:
+    """The page size a request asks for: 0 is `default`, above MAX_PAGE_SIZE
+    is MAX_PAGE_SIZE; InvalidArgument on `page_size` if negative."""
+    if page_size < 0:
+        raise InvalidArgument(
+            f"page_size must not be negative (0 means the default, {default})",
+            violations=[("page_size", "must not be negative")],
+        )
+    return min(page_size or default, MAX_PAGE_SIZE)
 
 
 def _token(score: str, task_id: str, wanted: TaskFilter) -> str:

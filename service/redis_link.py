@@ -63,6 +63,11 @@ def _error(message: str) -> redis.exceptions.RedisError:
     """redis-py's exception for an error reply (`BUSY ...` stays a ResponseError
     carrying its code, as redis-py leaves it)."""
     code, _, rest = message.partition(" ")
+    if rest.startswith("Protocol error: unauthenticated"):
+        # Redis 7 answers a long command (EVALSHA with its keys) from a
+        # client that has not authenticated with this instead of NOAUTH,
+        # and closes the connection.
+        return redis.exceptions.AuthenticationError(rest)
     cls = _ERRORS.get(code)
     return cls(rest) if cls is not None else redis.exceptions.ResponseError(message)
 
@@ -71,6 +76,11 @@ def _raised(reply: Any) -> Any:
     if isinstance(reply, BaseException):
         raise reply
     return reply
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 _LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -301,6 +311,9 @@ class RedisLink:
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._open())
+            # Its callers may all be cancelled before it fails; the error
+            # reaches whoever awaits it, not the loop's "never retrieved" log.
+            self._connecting.add_done_callback(_retrieved)
         try:
             return await asyncio.shield(self._connecting)
         finally:

@@ -8,6 +8,7 @@ import functools
 import ipaddress
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from taskservice.server.publisher import Publisher, create_publisher
 from taskservice.server.redis_link import RedisLink
 from taskservice.server.reflection import add_reflection
 from taskservice.server.servicer import TaskServiceServicer
-from taskservice.server.sweeper import Sweeper
+from taskservice.server.tracing import server_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +159,23 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
     metrics_registry = None if multiprocess_mode() else own_registry()
     served = bool(settings.metrics_port) or multiprocess_mode()
     metrics = ServerMetrics(metrics_registry, per_call=served)
+    tracing = server_tracing()  # OFF unless OTEL_* variables ask for traces
     operations = Operations.build(
-        settings, EXPOSED, publisher, link, hub, metrics=metrics, replicated=replicated
+        settings,
+        EXPOSED,
+        publisher,
+        link,
+        hub,
+        metrics=metrics,
+        replicated=replicated,
+        tracing=tracing,
     )
 
     gate = Gate()
     guard = Guard(Tokens(tokens) if tokens else None, metrics=metrics, gate=gate)
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(
+        options=server_options(settings), interceptors=tracing.interceptors or None
+    )
     servicer = TaskServiceServicer(
         operations,
         tracebacks=not settings.hide_tracebacks,
@@ -225,7 +236,14 @@ async def create_server(settings: Settings, *, port: int | None = None) -> Serve
         logger.info("health only, plaintext, on %s:%d", settings.host, settings.health_port)
     running._tasks += [
         asyncio.create_task(_health_loop(operations, health_servicer, settings.health_interval)),
-        asyncio.create_task(_sweep_loop(operations.sweeper, settings.sweep_interval)),
+        # Every server sweeps and dispatches: each expiry, and each hand-out
+        # of a due task, is one atomic script, so none happens twice.
+        asyncio.create_task(
+            _every(settings.sweep_interval, "lease sweep", operations.sweeper.sweep)
+        ),
+        asyncio.create_task(
+            _every(settings.dispatch_interval, "dispatch", operations.dispatcher.dispatch)
+        ),
     ]
     logger.info("taskservice listening on %s:%d", settings.host, bound)
     return running
@@ -330,17 +348,16 @@ async def _health_loop(operations: Operations, servicer: HealthServicer, interva
             logger.exception("health check failed")
 
 
-async def _sweep_loop(sweeper: Sweeper, interval: float) -> None:
-    """End tasks whose lease lapsed. Every server sweeps; each expiry is one
-    atomic script, so a task is never ended twice (the sweeper logs and
-    counts each)."""
+async def _every(interval: float, what: str, work: Callable[[], Awaitable[object]]) -> None:
+    """Run `work` every `interval` seconds for good; a Redis that is away
+    only makes a round fail (logged quietly), a bug is logged loudly."""
     while True:
         try:
-            await sweeper.sweep()
+            await work()
         except (redis.exceptions.RedisError, OSError) as exc:
-            logger.debug("lease sweep failed (%s); next in %gs", exc, interval)
+            logger.debug("%s failed (%s); next in %gs", what, exc, interval)
         except Exception:
-            logger.exception("lease sweep failed")
+            logger.exception("%s failed", what)
         await asyncio.sleep(interval)
 
 

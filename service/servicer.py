@@ -71,6 +71,11 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
             raise errors.InvalidArgument.of(
                 "conflict_policy", f"unknown conflict_policy {request.conflict_policy}"
             )
+        replace_mode = _CANCEL_MODES_IN.get(request.replace_mode)
+        if replace_mode is None:
+            raise errors.InvalidArgument.of(
+                "replace_mode", f"unknown replace_mode {request.replace_mode}"
+            )
         options = request.options
         started = await self._ops.starts.start(
             StartCommand(
@@ -84,11 +89,13 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
                 exclusivity_key=request.exclusivity_key,
                 conflict_policy=policy,
                 countdown=_seconds(options, "countdown"),
+                start_time=_epoch(options),
                 queue=options.queue,
                 time_limit=_seconds(options, "time_limit"),
                 soft_time_limit=_seconds(options, "soft_time_limit"),
                 time_remaining=context.time_remaining(),
                 request_id=request.request_id,
+                replace_mode=replace_mode,
             )
         )
         answer = self._answer(started.record)
@@ -133,16 +140,7 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListTasksResponse:
         """ListTasks (see the proto)."""
-        states = set()
-        for state in request.states:
-            record_state = RECORD_STATES.get(_TASK_STATES_IN.get(state, TaskState.UNSPECIFIED))
-            if record_state is None:
-                raise errors.InvalidArgument(
-                    f"states: {state} is not a state a task can be in",
-                    violations=[("states", f"unknown or unspecified state {state}")],
-                )
-            states.add(record_state)
-        wanted = TaskFilter(frozenset(states), request.task_name, request.exclusivity_key)
+        wanted = _task_filter(request)
         # A listing leaves tracebacks out (GetStatus has them): a page is
         # for finding tasks, and stays small.
         messages: dict[str, pb.Task] = {}
@@ -160,6 +158,26 @@ class TaskServiceServicer(pb_grpc.TaskServiceServicer):
         )
         return pb.ListTasksResponse(
             tasks=[messages[rec.id] for rec in page.tasks], next_page_token=page.next_token
+        )
+
+    async def CancelTasks(
+        self, request: pb.CancelTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelTasksResponse:
+        """CancelTasks (see the proto)."""
+        mode = _CANCEL_MODES_IN.get(request.mode)
+        if mode is None:
+            raise errors.InvalidArgument.of("mode", f"unknown cancel mode {request.mode}")
+        page = await self._ops.cancels.cancel_many(
+            _task_filter(request),
+            mode,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.CancelTasksResponse(
+            ended_count=len(page.ended),
+            requested_count=len(page.requested),
+            task_ids=page.task_ids,
+            next_page_token=page.next_token,
         )
 
     def _answer(self, rec: TaskRecord) -> bytes:
@@ -199,6 +217,20 @@ _RECORDED_CANCEL_MODES = {
 _CONFLICT_POLICIES_IN = {pb.ConflictPolicy.Value(f"CONFLICT_POLICY_{p}"): p for p in ConflictPolicy}
 
 
+def _task_filter(request: pb.ListTasksRequest | pb.CancelTasksRequest) -> TaskFilter:
+    """The filters of a ListTasks or CancelTasks request, in record states."""
+    states = set()
+    for state in request.states:
+        record_state = RECORD_STATES.get(_TASK_STATES_IN.get(state, TaskState.UNSPECIFIED))
+        if record_state is None:
+            raise errors.InvalidArgument(
+                f"states: {state} is not a state a task can be in",
+                violations=[("states", f"unknown or unspecified state {state}")],
+            )
+        states.add(record_state)
+    return TaskFilter(frozenset(states), request.task_name, request.exclusivity_key)
+
+
 def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
     """The proto Task for a record (without the error's traceback if not
     `traceback`)."""
@@ -212,6 +244,7 @@ def task_message(rec: TaskRecord, *, traceback: bool = True) -> pb.Task:
         cancel_mode=_RECORDED_CANCEL_MODES.get(rec.cancel, pb.CANCEL_MODE_UNSPECIFIED),
         queue=rec.queue,
         fencing_token=rec.fencing_token,
+        waiting_for=rec.waiting_for,
     )
     for field, when in (
         (task.create_time, rec.created),
@@ -250,7 +283,13 @@ def task_type_message(task_type: TaskType) -> pb.TaskType:
         name=task_type.name,
         description=task_type.description,
         default_exclusivity_key=task_type.default_exclusivity_key,
+        key_slots=task_type.key_rules.slots,
+        key_line_limit=task_type.key_rules.line_limit,
+        quiet_after_success=task_type.key_rules.quiet_after_success,
+        replace_mode=_CANCEL_MODES[task_type.key_rules.replace_mode],
     )
+    if task_type.key_rules.quiet_period:
+        message.quiet_period.FromNanoseconds(round(task_type.key_rules.quiet_period * 1e9))
     for param in task_type.signature.parameters.values():
         entry = message.parameters.add(
             name=param.name,
@@ -281,6 +320,18 @@ def _seconds(options: pb.StartOptions, name: str) -> float | None:
         message = f"options.{name} is not a valid Duration"
         raise errors.InvalidArgument.of(f"options.{name}", message)
     return float(duration.seconds) + duration.nanos / 1e9
+
+
+def _epoch(options: pb.StartOptions) -> float | None:
+    if not options.HasField("start_time"):
+        return None
+    when = options.start_time
+    # Timestamp's own range (years 1 to 9999), as the JSON mapping allows.
+    if not -62_135_596_800 <= when.seconds <= 253_402_300_799 or not 0 <= when.nanos < 10**9:
+        raise errors.InvalidArgument.of(
+            "options.start_time", "options.start_time is not a valid Timestamp"
+        )
+    return float(when.seconds) + when.nanos / 1e9
 
 
 def _from_value(value: struct_pb2.Value, where: str) -> Any:

@@ -10,6 +10,17 @@ publisher hands the message to the broker, and a confirm script drops the
 lease; a failed publish gives the key back (abandon). A Start with a
 request_id that was answered before answers the same again.
 
+A key has slots (the task type's, else TASKSERVICE_KEY_SLOTS, else one).
+When none is free, the conflict policy decides, in the same script: refuse,
+answer the holder, or accept the task as *deferred*: it waits in the key's
+line (QUEUE; QUEUE_LATEST and REPLACE supersede the tasks waiting there, and
+REPLACE asks the oldest holder to stop), and the script that ends a holder
+sends the head of the line on its way (taskservice/core/lua/prelude.lua).
+A task with a countdown or start_time is deferred too: its record (and its
+slot, if it has a key) waits in Redis, and the dispatcher of whichever
+server looks first sends it when it is due (taskservice.server.dispatcher).
+A deferred task's Start publishes nothing itself.
+
 With `redis_min_replicas`, a write counts once that many replicas have it
 (Redis's WAIT): the claim never pushes, since a worker could run a task
 whose claim a failover then loses. The claim (provisional) waits for the
@@ -28,17 +39,19 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.exceptions
 from structlog.contextvars import bind_contextvars
 
-from taskservice.apps import MAX_COUNTDOWN
 from taskservice.core import record
 from taskservice.core.errors import (
     ArgsTooLarge,
     BrokerUnavailable,
     InvalidArgument,
+    KeyLineFull,
+    KeyQuiet,
     RedisNotReplicated,
     RedisUnavailable,
     TaskAlreadyRunning,
@@ -56,14 +69,18 @@ from taskservice.core.registry import (
 from taskservice.core.scripts import (
     Claimed,
     Confirmed,
+    Deferred,
     Held,
+    LineFull,
     Missing,
     Moved,
+    Quiet,
     Repeat,
     Request,
     Reused,
 )
-from taskservice.core.states import ConflictPolicy
+from taskservice.core.states import CancelMode, ConflictPolicy
+from taskservice.server.cancels import SIGNALS
 from taskservice.server.publisher import Delivery, Publisher, Ticket
 from taskservice.server.reads import Reads
 from taskservice.server.records import (
@@ -74,6 +91,7 @@ from taskservice.server.records import (
     shielded,
 )
 from taskservice.server.requests import fingerprint, remembered, reused
+from taskservice.server.tracing import OFF, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +119,16 @@ class StartCommand:
     exclusivity_key: str = ""
     conflict_policy: ConflictPolicy = ConflictPolicy.REJECT
     countdown: float | None = None
+    start_time: float | None = None
+    """When the task may run, in seconds since the epoch (not with countdown)."""
     queue: str = ""
     time_limit: float | None = None
     soft_time_limit: float | None = None
     time_remaining: float | None = field(default=None, metadata=NOT_PART_OF_THE_REQUEST)
     """Seconds until the caller's deadline, if it has one."""
     request_id: str = field(default="", metadata=NOT_PART_OF_THE_REQUEST)
+    replace_mode: CancelMode = CancelMode.UNSPECIFIED
+    """How REPLACE stops a running holder; UNSPECIFIED: the task type's."""
 
     def __post_init__(self) -> None:
         if self.conflict_policy is ConflictPolicy.UNSPECIFIED:
@@ -135,10 +157,19 @@ class Started:
 class Starts:
     """Starting tasks."""
 
-    def __init__(self, records: Records, reads: Reads, publisher: Publisher) -> None:
+    def __init__(
+        self, records: Records, reads: Reads, publisher: Publisher, tracing: Tracing = OFF
+    ) -> None:
         self._records = records
         self._reads = reads
         self._publisher = publisher
+        self._tracing = tracing
+        self._revokes: set[asyncio.Future[None]] = set()
+
+    def close(self) -> None:
+        """Stop the revokes of replaced tasks still under way."""
+        for revoke in self._revokes:
+            revoke.cancel()
 
     async def start(self, cmd: StartCommand) -> Started:
         """Start a task as `cmd` asks (see the module); TaskAlreadyRunning under a held key unless
@@ -174,25 +205,47 @@ class Starts:
         else:
             bind_contextvars(task_id=task_id)
         queue = cmd.queue or self._publisher.queue_for(cmd.task_name)
-        scheduled = time.time() + cmd.countdown if cmd.countdown else None
+        now = time.time()
+        delay = cmd.countdown or 0.0
+        if cmd.start_time is not None:
+            delay = max(0.0, cmd.start_time - now)
         fields = record.new_record_fields(
-            task_id, cmd.task_name, exclusivity_key=key, queue=queue, scheduled=scheduled
+            task_id,
+            cmd.task_name,
+            exclusivity_key=key,
+            queue=queue,
+            scheduled=now + delay if delay > 0 else None,
         )
-        provisional_ms = int(self._records.settings.provisional_lease * 1000)
+        rules = task_type.key_rules
+        settings = self._records.settings
+        slots = (rules.slots or settings.slots_for(key)) if key else 1
+        if key:
+            fields["slots"] = str(slots)
+            if rules.quiet_period:
+                fields["quiet"] = str(max(1, round(rules.quiet_period * 1000)))
+                if rules.quiet_after_success:
+                    fields["quiet_after"] = record.SUCCESS
+        provisional_ms = int(settings.provisional_lease * 1000)
         delivery = Delivery(
             cmd.task_name,
             task_id,
             args=cmd.args,
             kwargs=cmd.kwargs,
             queue=queue,
-            countdown=cmd.countdown,
+            # A delayed task reaches the broker when it is due: no eta.
+            countdown=None,
             time_limit=cmd.time_limit,
             soft_time_limit=cmd.soft_time_limit,
             priority=task_type.task.priority,
             exclusivity_key=key,
+            trace_context=self._tracing.context(),
         )
         push = self._publisher.push(delivery)
         replicated = bool(self._records.min_replicas)
+        may_defer = delay > 0 or (bool(key) and cmd.conflict_policy.waits)
+        replace_mode = cmd.replace_mode
+        if replace_mode is CancelMode.UNSPECIFIED:
+            replace_mode = rules.replace_mode
         claim = self._records.scripts.claim(
             fields,
             exclusivity_key=key,
@@ -200,12 +253,19 @@ class Starts:
             request=request,
             # A claim that must reach replicas first pushes only once they have it.
             push=None if replicated else push,
+            policy=cmd.conflict_policy.name,
+            slots=slots,
+            line_limit=rules.line_limit or settings.key_line_limit,
+            replace_mode=replace_mode.recorded,
+            delivery=delivery.to_json() if may_defer and (push is None or replicated) else "",
+            delay_ms=round(delay * 1000),
         )
         try:
-            if replicated:
-                claimed = await self._records.run_replicated(claim)
-            else:
-                claimed = await self._records.run(claim)
+            with self._tracing.claim(task_id):
+                if replicated:
+                    claimed = await self._records.run_replicated(claim)
+                else:
+                    claimed = await self._records.run(claim)
         except (redis.exceptions.RedisError, OSError, NotReplicated) as error:
             # The claim may have been written before the connection failed:
             # give the key back now rather than after the provisional lease,
@@ -225,6 +285,12 @@ class Starts:
             earlier = await self._settled(claimed.task_id)
             if earlier is None:  # that Start failed after all: this one runs anew
                 return await self._start(cmd, task_type, answer_by, request)
+            if earlier.waiting_for and cmd.conflict_policy is ConflictPolicy.REPLACE:
+                # That Start's server may have stopped before its revoke went out.
+                with contextlib.suppress(TaskNotFound):  # expired: nothing to stop
+                    replaced = await self._reads.get(earlier.waiting_for)
+                    if not replaced.terminal:
+                        self._stop_replaced(replaced.id, replaced.cancel)
             return Started(earlier, already_existed=False)
         if isinstance(claimed, Reused):
             raise reused(request)
@@ -237,10 +303,31 @@ class Starts:
             raise TaskAlreadyRunning(
                 f"task {holder.id} ({holder.name}) is already running under exclusivity "
                 f"key {key!r}; cancel it, wait for it, or start with conflict_policy "
-                "CONFLICT_POLICY_RETURN_EXISTING",
+                "CONFLICT_POLICY_RETURN_EXISTING, REPLACE, QUEUE_LATEST or QUEUE",
                 task_id=holder.id,
                 exclusivity_key=key,
             )
+        if isinstance(claimed, Quiet):
+            return self._quiet(cmd, key, claimed)
+        if isinstance(claimed, LineFull):
+            self._records.metrics.conflicts.labels(cmd.task_name, "line_full").inc()
+            raise KeyLineFull(
+                f"{claimed.limit} tasks already wait for exclusivity key {key!r}, its line's "
+                "limit; retry once the line has moved, or cancel some of them",
+                exclusivity_key=key,
+                limit=str(claimed.limit),
+            )
+        self._count_policy(cmd, claimed)
+        if isinstance(claimed, Deferred):
+            if claimed.fencing_token:
+                fields["fence"] = str(claimed.fencing_token)
+            if claimed.waiting_for:
+                fields["waiting_for"] = claimed.waiting_for
+            if claimed.revoke:
+                self._stop_replaced(claimed.revoke, claimed.revoke_mode)
+            self._records.metrics.tasks_started.labels(cmd.task_name).inc()
+            accepted = claimed.record or TaskRecord.from_fields(fields)
+            return Started(accepted, already_existed=False)
         if claimed.fencing_token:
             fields["fence"] = str(claimed.fencing_token)
         accepted = TaskRecord.from_fields(fields)
@@ -251,7 +338,10 @@ class Starts:
             confirmed = await self._confirm_replicated(task_id, push)
         else:
             try:
-                with self._publisher.admit() as ticket:
+                with (
+                    self._tracing.publish(task_id, queue),
+                    self._publisher.admit() as ticket,
+                ):
                     await self._publish(ticket, delivery, answer_by)
             except (Exception, asyncio.CancelledError) as exc:
                 if await self._abandon(task_id, exc) or isinstance(exc, asyncio.CancelledError):
@@ -272,6 +362,49 @@ class Starts:
             )
         self._records.metrics.tasks_started.labels(cmd.task_name).inc()
         return Started(accepted, already_existed=False)
+
+    def _quiet(self, cmd: StartCommand, key: str, quiet: Quiet) -> Started:
+        """A Start under a key in its quiet period: the task that ended, with
+        RETURN_EXISTING; else KeyQuiet."""
+        if cmd.conflict_policy is ConflictPolicy.RETURN_EXISTING and quiet.last is not None:
+            self._records.metrics.conflicts.labels(cmd.task_name, "return_existing").inc()
+            return Started(quiet.last, already_existed=True)
+        self._records.metrics.conflicts.labels(cmd.task_name, "quiet").inc()
+        free = datetime.fromtimestamp(time.time() + quiet.free_in, UTC)
+        last = f"task {quiet.last.id} ended" if quiet.last else "a task ended"
+        raise KeyQuiet(
+            f"exclusivity key {key!r} is in its quiet period ({last}); it takes Starts again "
+            f"in {quiet.free_in:.1f}s, at {free.isoformat(timespec='milliseconds')}",
+            task_id=quiet.last.id if quiet.last else "",
+            free_time=free.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            exclusivity_key=key,
+        )
+
+    def _count_policy(self, cmd: StartCommand, claimed: Claimed | Deferred) -> None:
+        metrics = self._records.metrics
+        if claimed.superseded:
+            metrics.superseded.labels(cmd.task_name).inc(len(claimed.superseded))
+        if isinstance(claimed, Deferred) and claimed.waiting_for:
+            metrics.waits.labels(cmd.task_name, cmd.conflict_policy.name.lower()).inc()
+
+    def _stop_replaced(self, task_id: str, mode: str) -> None:
+        """REPLACE asked a running task to stop: signal its worker, as Cancel
+        does (GRACEFUL: the task sees `cancel_requested`), in the background:
+        the record already says so, the Start's answer need not wait for the
+        broker, and a caller that goes away does not stop the revoke. A failed
+        broadcast only delays the hand-over to the task's own end (a repeated
+        REPLACE sends it again)."""
+        if mode not in SIGNALS:
+            return
+        revoke = asyncio.ensure_future(self._revoke(task_id, SIGNALS[mode]))
+        self._revokes.add(revoke)
+        revoke.add_done_callback(self._revokes.discard)
+
+    async def _revoke(self, task_id: str, signal: str) -> None:
+        try:
+            await self._publisher.revoke([task_id], signal=signal)
+        except BrokerUnavailable as exc:
+            logger.warning("revoke of replaced task %s failed (%s); it ends itself", task_id, exc)
 
     async def _confirm_replicated(
         self, task_id: str, push: tuple[str, str] | None
@@ -343,7 +476,12 @@ class Starts:
             logger.warning("could not abandon task %s; its provisional lease will", task_id)
             return True
         if isinstance(abandoned, Moved) and not never_enqueued(abandoned.record):
-            logger.info("task %s reached a worker although its publish reported %r", task_id, error)
+            if abandoned.record.terminal:  # a Cancel or a REPLACE ended it meanwhile
+                logger.info("task %s ended while it was being published", task_id)
+            else:
+                logger.info(
+                    "task %s reached a worker although its publish reported %r", task_id, error
+                )
             return False
         logger.warning("Start gave its task up: %s", message)
         return True
@@ -377,11 +515,23 @@ class Starts:
             check_exclusivity_key(cmd.exclusivity_key)
         if cmd.queue:
             self._check_queue(cmd.queue, cmd.task_name)
-        if cmd.countdown is not None and not 0 <= cmd.countdown <= MAX_COUNTDOWN:
+        longest = self._records.settings.record_ttl
+        if cmd.countdown is not None and not 0 <= cmd.countdown <= longest:
             raise InvalidArgument.of(
                 "options.countdown",
-                f"countdown must be between 0 and {MAX_COUNTDOWN:g}s, not {cmd.countdown:g}s",
+                f"countdown must be between 0 and {longest}s (TASKSERVICE_RECORD_TTL), "
+                f"not {cmd.countdown:g}s",
             )
+        if cmd.start_time is not None:
+            if cmd.countdown is not None:
+                raise InvalidArgument.of(
+                    "options.start_time", "give start_time or countdown, not both"
+                )
+            if cmd.start_time - time.time() > longest:
+                raise InvalidArgument.of(
+                    "options.start_time",
+                    f"start_time must be at most {longest}s (TASKSERVICE_RECORD_TTL) ahead",
+                )
         for name, limit in (
             ("time_limit", cmd.time_limit),
             ("soft_time_limit", cmd.soft_time_limit),

@@ -45,7 +45,9 @@ from taskservice.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    KeyLineFull,
     KeyNotFound,
+    KeyQuiet,
     Misconfigured,
     NotFound,
     PermissionDenied,
@@ -70,13 +72,14 @@ from taskservice.core.errors import (
 from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
 
 if TYPE_CHECKING:
-    from taskservice.client import AsyncClient, Client, Task, TaskType
+    from taskservice.client import AsyncClient, Client, RetryPolicy, Task, TaskType
     from taskservice.worker.app import app, expose
     from taskservice.worker.signals import Tracked, TrackedTask
 
 _HOMES = {
     "Client": "taskservice.client",
     "AsyncClient": "taskservice.client",
+    "RetryPolicy": "taskservice.client",
     "Task": "taskservice.client",
     "TaskType": "taskservice.client",
     "app": "taskservice.worker.app",
@@ -91,6 +94,7 @@ __all__ = [  # noqa: RUF022 (grouped for readers, not sorted)
     "CancelMode",
     "Client",
     "ConflictPolicy",
+    "RetryPolicy",
     "Task",
     "TaskState",
     "TaskType",
@@ -109,7 +113,9 @@ __all__ = [  # noqa: RUF022 (grouped for readers, not sorted)
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "KeyLineFull",
     "KeyNotFound",
+    "KeyQuiet",
     "Misconfigured",
     "NotFound",
     "PermissionDenied",

@@ -21,7 +21,9 @@ OWN_APP = "taskservice.worker.app:app"
 """taskservice's own app, used when TASKSERVICE_CELERY_APP names none."""
 
 MAX_COUNTDOWN = 3600.0
-"""The longest countdown a Start may ask for, in seconds."""
+"""The longest countdown a message may carry to a worker, in seconds: a task
+that retries itself (`self.retry(countdown=...)`). A Start's countdown never
+rides in its message: the server keeps the task until it is due."""
 
 VISIBILITY_TIMEOUT = 2 * MAX_COUNTDOWN
 """Seconds after which kombu's Redis transport redelivers a message nobody
@@ -145,10 +147,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         # Flower and `celery events` see tasks from the worker's own events
         # (received, started, succeeded...: a PUBLISH each on a Redis broker),
-        # not only after enabling them remotely. No task-sent events: a Start
-        # on the same Redis pushes its message in the claim script, which
-        # sends none, and another broker would pay one more publish per Start.
-        "worker_send_task_events": True,
+        # not only after enabling them remotely, unless turned off for speed.
+        # No task-sent events: a Start on the same Redis pushes its message
+        # in the claim script, which sends none, and another broker would pay
+        # one more publish per Start.
+        "worker_send_task_events": settings.task_events,
     }
     scheme = broker.split("://", 1)[0]
     if scheme in ("redis", "rediss"):

@@ -97,8 +97,10 @@ def start_worker(
     concurrency: int = 4,
     queues: str = "celery",
     env: dict[str, str] | None = None,
+    name: str = "",
 ) -> subprocess.Popen[bytes]:
-    """A prefork worker in its own process group (`os.killpg` kills it whole)."""
+    """A prefork worker in its own process group (`os.killpg` kills it whole),
+    named `name`@host (a fresh test-... name by default): a record's worker."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             worker_command(
@@ -108,7 +110,7 @@ def start_worker(
                 "-Q",
                 queues,
                 "-n",
-                f"test-{uuid.uuid4().hex[:6]}@%h",
+                f"{name or 'test-' + uuid.uuid4().hex[:6]}@%h",
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",

@@ -14,6 +14,16 @@ a sweep), and their exclusivity keys are free. When it loses its broker
 connection, Celery drops the unstarted ones (kombu redelivers them only after
 its visibility timeout), so they end LOST too and the late copy is refused.
 
+A task is leased RECEIVE_DELAY after it arrives (or at its start, if sooner).
+A worker that dies before then leaves no lease to lapse: the task is QUEUED,
+its message unacknowledged in the broker. With the broker on the records' Redis,
+each server's sweep puts that message back in its queue once it is older than
+the lease and its task still has none (taskservice.server.unacked), and
+another worker runs it; RabbitMQ requeues it as the connection drops. That
+sweep relies on what follows: a live worker leases every task it holds within
+RECEIVE_DELAY plus one renewal, or its fence drops the task before the lease
+could have lapsed, so an unleased task older than the lease is nobody's.
+
 The fence. A worker that lives but cannot renew (Redis unreachable, the link
 stalled, the worker frozen and resumed) must not run a task past its lease:
 the key's next holder may start then. So a second thread, the `Fence`, stops
@@ -319,7 +329,9 @@ class Heartbeat(bootsteps.StartStopStep):
         if task_id and self._fence is not None and _tracked(request):
             self._fence.arrived(task_id, time.monotonic())
         # Lease it soon rather than at the next beat: a worker dying in
-        # between would leave the task waiting for kombu's redelivery.
+        # between leaves the task to the servers' sweep of unacknowledged
+        # messages (a lease later), or with another Redis broker to kombu's
+        # redelivery (its visibility timeout).
         self._wake.set()
 
     def _on_shutting_down(self, **_: Any) -> None:

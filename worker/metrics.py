@@ -87,7 +87,8 @@ class MetricsEndpoint(bootsteps.StartStopStep):
         from taskservice.core.metrics import serve
 
         try:
-            self._endpoint = serve(self.host, self.port)
+            declared = _metrics.declared() if _metrics is not None else []
+            self._endpoint = serve(self.host, self.port, declared=declared)
         except OSError as error:
             # The tasks matter more than their metrics: run without.
             logger.error(

@@ -26,6 +26,15 @@ Sentinel channel with the same fix) fixes both halves:
   connects (kombu's own `restore_by_tag`, atomic, a no-op for a tag already
   gone). Without this they would wait in the `unacked` hash for the whole
   visibility timeout.
+
+A third window, on the way in: kombu BRPOPs a message off its queue and only
+then records it as unacknowledged (`QoS.append`, a second write). If Redis
+dies between the two (the pop is already in its AOF), the write fails, the
+message is in no list and no hash, and its task would wait QUEUED for good.
+The message is still in this process's memory: it is remembered and put back
+at the head of its queue by the first new channel, like the tags above (a
+copy the failed write did store too is redelivered at most once more, and
+the record refuses a second run).
 """
 
 from __future__ import annotations
@@ -43,8 +52,17 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _unrestored: dict[tuple[Any, ...], list[str]] = {}
 """Delivery tags whose restore failed, by (host, port, db, unacked key, prefix)."""
+_unplaced: dict[tuple[Any, ...], list[tuple[Any, str, str]]] = {}
+"""Messages popped off a queue whose unacked record failed: (payload, exchange,
+routing key), by the same target."""
 
-os.register_at_fork(after_in_child=_unrestored.clear)  # a pool child restores nothing
+
+def _forget_all() -> None:
+    _unrestored.clear()
+    _unplaced.clear()
+
+
+os.register_at_fork(after_in_child=_forget_all)  # a pool child restores nothing
 
 # kombu's stubs omit most of what is overridden here.
 _QoS: Any = kombu_redis.QoS
@@ -85,6 +103,24 @@ class QoS(_QoS):  # type: ignore[misc]
                 logger.warning(
                     "broker down: %d unacknowledged message(s) will be restored on reconnect",
                     len(tags),
+                )
+            raise
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record a delivered message as unacknowledged; if Redis is gone,
+        remember the message to put it back on reconnect (see the module)."""
+        try:
+            super().append(message, delivery_tag)
+        except self.channel.connection_errors:
+            target = _target(self.channel)
+            if target is not None:
+                delivery = message.delivery_info
+                entry = (message._raw, delivery["exchange"], delivery["routing_key"])
+                with _lock:
+                    _unplaced.setdefault(target, []).append(entry)
+                logger.warning(
+                    "broker down as message %s arrived: it goes back to its queue on reconnect",
+                    delivery_tag,
                 )
             raise
 
@@ -130,18 +166,29 @@ class Channel(_Channel):  # type: ignore[misc]
             return
         with _lock:
             tags = _unrestored.pop(target, [])
-        done = 0
+            messages = _unplaced.pop(target, [])
+        done = placed = 0
         try:
             with self.conn_or_acquire() as client:
                 for tag in tags:
                     self.qos.restore_by_tag(tag, client=client)
                     done += 1
+                for payload, exchange, routing_key in messages:
+                    self._do_restore_message(payload, exchange, routing_key, client)
+                    placed += 1
         except Exception as exc:
             with _lock:
                 _unrestored.setdefault(target, []).extend(tags[done:])
-            logger.warning("restoring %d message(s) failed (%r); retrying later", len(tags), exc)
-        if done:
-            logger.warning("restored %d unacknowledged message(s) after reconnecting", done)
+                _unplaced.setdefault(target, []).extend(messages[placed:])
+            logger.warning(
+                "restoring %d message(s) failed (%r); retrying later",
+                len(tags) + len(messages) - done - placed,
+                exc,
+            )
+        if done or placed:
+            logger.warning(
+                "restored %d unacknowledged message(s) after reconnecting", done + placed
+            )
 
 
 class Transport(_Transport):  # type: ignore[misc]

@@ -22,7 +22,8 @@ Redis restart or failover does not lose it.
 Around each task run, the logging context carries task_id and task_name (and
 exclusivity_key once the record says it), so every line logged meanwhile,
 Celery's own included, says which task it is about (taskservice.core.logs). Each end
-written and each body's run time is counted in taskservice.worker.metrics.
+written and each body's run time is counted in taskservice.worker.metrics. With
+tracing on, each run is a span of its Start's trace (taskservice.worker.tracing).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from kombu.utils.json import dumps as json_dumps
 from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from taskservice.core import record
-from taskservice.worker import metrics
+from taskservice.worker import metrics, tracing
 from taskservice.worker.heartbeat import Heartbeat, fenced
 from taskservice.worker.reporter import TRACKED, reporter_of, tracked
 
@@ -347,3 +348,4 @@ def _connect_signals() -> None:
     task_revoked.connect(_on_revoked, weak=False)
     task_internal_error.connect(_on_internal_error, weak=False)
     task_unknown.connect(_on_unknown, weak=False)
+    tracing.connect()  # only if the OTEL_* variables ask for traces

@@ -5,8 +5,12 @@
 // converts between plain JS values and google.protobuf.Value/Struct, turns
 // tasks into plain objects (numbers, Dates, JS values), and decodes the
 // google.rpc.Status that taskservice puts in the `grpc-status-details-bin`
-// trailer into its ErrorInfo and BadRequest.
+// trailer into its ErrorInfo and BadRequest. Its channel retries calls that
+// fail UNAVAILABLE, as the repository's gRPC service config says, and every
+// Start and Cancel carries a request_id, so that a retry never acts twice.
 
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -22,6 +26,7 @@ const require = createRequire(import.meta.url);
 export const DEFAULT_PROTO_DIR = fileURLToPath(new URL('../../protos', import.meta.url));
 
 const TASK_SERVICE_PROTO = 'taskservice/v1/task_service.proto';
+const SERVICE_CONFIG = 'taskservice/v1/service_config.json';
 const HEALTH_PROTO = 'health/v1/health.proto';
 const STATUS_PROTOS = ['google/rpc/status.proto', 'google/rpc/error_details.proto'];
 
@@ -70,6 +75,18 @@ export function loadProtos({ protoDir = DEFAULT_PROTO_DIR } = {}) {
     Health: loaded.grpc.health.v1.Health,
     packageDefinition,
   };
+}
+
+/**
+ * The gRPC service config shipped next to the proto (JSON text), for the
+ * channel option 'grpc.service_config': grpc-js then retries a call that fails
+ * UNAVAILABLE (a server restarting or draining, a connection cut), up to 5
+ * attempts with exponential back-off, for every method. Start and Cancel are
+ * in it because this client always sends a request_id (a repeat is answered as
+ * the first call was): with the raw stub, send one too, or leave them out.
+ */
+export function loadServiceConfig({ protoDir = DEFAULT_PROTO_DIR } = {}) {
+  return readFileSync(path.join(protoDir, SERVICE_CONFIG), 'utf8');
 }
 
 // ---------------------------------------------------------------------------
@@ -188,6 +205,26 @@ export function duration(seconds) {
   return { seconds: String(whole), nanos: Math.round((seconds - whole) * 1e9) };
 }
 
+/** A google.protobuf.Duration as seconds (e.g. 1.5), or null if unset. */
+export function durationToSeconds(value) {
+  if (!value) return null;
+  return toSafeNumber(value.seconds) + (value.nanos ?? 0) / 1e9;
+}
+
+/** A Date, or a string Date can parse (RFC 3339: '2026-12-24T18:00:00Z'),
+ * as a google.protobuf.Timestamp (e.g. StartOptions.start_time). A string
+ * without a zone is refused: Date would read it as this machine's local time. */
+export function dateToTimestamp(when) {
+  if (typeof when === 'string' && !/(Z|[+-]\d\d:?\d\d)$/i.test(when.trim())) {
+    throw new TypeError(`${when} has no time zone: add Z (UTC) or an offset such as +01:00`);
+  }
+  const date = when instanceof Date ? when : typeof when === 'string' ? new Date(when) : null;
+  if (!date || Number.isNaN(date.getTime())) throw new TypeError(`not a time: ${when}`);
+  const ms = date.getTime();
+  const seconds = Math.floor(ms / 1000);
+  return { seconds: String(seconds), nanos: (ms - seconds * 1000) * 1e6 };
+}
+
 /** The states after which a task never changes. */
 export const TERMINAL_STATES = new Set([
   'TASK_STATE_SUCCEEDED',
@@ -199,7 +236,8 @@ export const TERMINAL_STATES = new Set([
 /** A taskservice.v1.Task as proto-loader gives it, as a plain object:
  * `sequence` and `fencing_token` numbers, timestamps Dates (or null), `result` a plain JS value
  * (undefined unless outcome is 'result'), `error` {type, message, traceback}
- * or null. */
+ * or null. `waiting_for` is the id of the task it waits to end while it waits
+ * for its exclusivity key (CONFLICT_POLICY_REPLACE, QUEUE_LATEST, QUEUE), else ''. */
 export function toPlainTask(task) {
   return {
     ...task,
@@ -213,6 +251,50 @@ export function toPlainTask(task) {
     scheduled_time: timestampToDate(task.scheduled_time),
     terminal: TERMINAL_STATES.has(task.state),
   };
+}
+
+/** A taskservice.v1.TaskType as a plain object: each parameter's
+ * `default_value` a plain JS value (undefined if it has none), `quiet_period`
+ * seconds (null: no quiet period); `key_slots` and `key_line_limit` (0: the
+ * server's setting), `quiet_after_success` and `replace_mode` as sent. */
+export function toPlainTaskType(type) {
+  return {
+    ...type,
+    parameters: type.parameters.map((p) => ({ ...p, default_value: p.default_value ? fromValue(p.default_value) : undefined })),
+    quiet_period: durationToSeconds(type.quiet_period),
+  };
+}
+
+/**
+ * The StartRequest `client.start` sends, from plain JS: `args` an array,
+ * `kwargs` an object; `conflict_policy` and `replace_mode` enum names
+ * ('CONFLICT_POLICY_QUEUE', 'CANCEL_MODE_KILL'); `options` durations in
+ * seconds (`countdown` of any length), `options.start_time` a Date or an
+ * RFC 3339 string. countdown and start_time together throw TypeError.
+ * `request_id` is a new UUID unless given: every attempt of the request
+ * sends the same, so a retried Start returns the first one's task.
+ */
+export function startRequest({ task_name, args = [], kwargs = {}, exclusivity_key = '', conflict_policy, replace_mode, options, request_id = '' }) {
+  const request = {
+    task_name,
+    args: toListValue(args),
+    kwargs: toStruct(kwargs),
+    exclusivity_key,
+    conflict_policy,
+    replace_mode,
+    request_id: request_id || randomUUID(),
+  };
+  if (options) {
+    if (options.countdown !== undefined && options.start_time !== undefined) {
+      throw new TypeError('give options.countdown or options.start_time, not both');
+    }
+    request.options = { queue: options.queue ?? '' };
+    for (const name of ['countdown', 'time_limit', 'soft_time_limit']) {
+      if (options[name] !== undefined) request.options[name] = duration(options[name]);
+    }
+    if (options.start_time !== undefined) request.options.start_time = dateToTimestamp(options.start_time);
+  }
+  return request;
 }
 
 // ---------------------------------------------------------------------------
@@ -318,34 +400,28 @@ function unary(stub, method, request, timeoutMs) {
  * TaskService and Health over one channel. Methods take and return plain JS:
  * `args` an array, `kwargs` an object, tasks as `toPlainTask` makes them.
  * Failed calls reject with TaskServiceError. `stub` and `healthStub` are the
- * raw grpc-js clients for anything else.
+ * raw grpc-js clients for anything else. `serviceConfig` (JSON text) is the
+ * channel's gRPC service config: by default the shipped one (retries, see
+ * `loadServiceConfig`); null for none.
  */
 export class TaskServiceClient {
-  constructor(address, { credentials = grpc.credentials.createInsecure(), channelOptions = {}, protoDir, timeoutMs = 10_000 } = {}) {
+  constructor(address, { credentials = grpc.credentials.createInsecure(), channelOptions = {}, protoDir, timeoutMs = 10_000, serviceConfig } = {}) {
     const { TaskService, Health } = loadProtos({ protoDir });
+    const config = serviceConfig === undefined ? loadServiceConfig({ protoDir }) : serviceConfig;
+    if (config) channelOptions = { 'grpc.service_config': config, ...channelOptions };
     this.stub = new TaskService(address, credentials, channelOptions);
     // Same address, credentials and options: grpc-js shares the connection.
     this.healthStub = new Health(address, credentials, channelOptions);
     this.timeoutMs = timeoutMs;
   }
 
-  /** Start a task; returns `{task, already_existed}`. `options` durations
-   * are seconds (`{countdown: 2, time_limit: 60}`). */
-  async start({ task_name, args = [], kwargs = {}, exclusivity_key = '', conflict_policy, options, request_id = '' }) {
-    const request = {
-      task_name,
-      args: toListValue(args),
-      kwargs: toStruct(kwargs),
-      exclusivity_key,
-      conflict_policy,
-      request_id,
-    };
-    if (options) {
-      request.options = { queue: options.queue ?? '' };
-      for (const name of ['countdown', 'time_limit', 'soft_time_limit']) {
-        if (options[name] !== undefined) request.options[name] = duration(options[name]);
-      }
-    }
+  /** Start a task; returns `{task, already_existed}` (see `startRequest`).
+   * `options` durations are seconds (`{countdown: 2, time_limit: 60}`);
+   * `{start_time: new Date(...)}` instead of countdown. A task that waits for
+   * its key (conflict_policy 'CONFLICT_POLICY_QUEUE', '..._QUEUE_LATEST',
+   * '..._REPLACE' with `replace_mode`) comes back QUEUED with `waiting_for`. */
+  async start(fields) {
+    const request = startRequest(fields);
     const response = await unary(this.stub, 'Start', request, this.timeoutMs);
     return { task: toPlainTask(response.task), already_existed: response.already_existed };
   }
@@ -355,18 +431,42 @@ export class TaskServiceClient {
     return toPlainTask((await unary(this.stub, 'GetStatus', selector, this.timeoutMs)).task);
   }
 
-  /** Cancel; `mode` is 'CANCEL_MODE_KILL' (the default), 'CANCEL_MODE_TERMINATE' or 'CANCEL_MODE_GRACEFUL'. */
+  /** Cancel; `mode` is 'CANCEL_MODE_KILL' (the default), 'CANCEL_MODE_TERMINATE' or 'CANCEL_MODE_GRACEFUL'.
+   * `request_id` as for start: a new UUID unless given. */
   async cancel({ task_id, mode = 'CANCEL_MODE_KILL', request_id = '' }) {
-    return toPlainTask((await unary(this.stub, 'Cancel', { task_id, mode, request_id }, this.timeoutMs)).task);
+    const request = { task_id, mode, request_id: request_id || randomUUID() };
+    return toPlainTask((await unary(this.stub, 'Cancel', request, this.timeoutMs)).task);
   }
 
-  /** The startable task types; each parameter's `default_value` as a plain JS value. */
+  /** One CancelTasks call: cancel up to `page_size` (0: 100) of the QUEUED and
+   * RUNNING tasks matching the filters, newest first; returns `{ended_count,
+   * requested_count, task_ids, next_page_token}`. Running ones are asked to stop
+   * (`mode` as for cancel), not waited for. */
+  async cancelTasksPage({ page_size = 0, page_token = '', states = [], task_name = '', exclusivity_key = '', mode = 'CANCEL_MODE_KILL' } = {}) {
+    const request = { page_size, page_token, states, task_name, exclusivity_key, mode };
+    const { ended_count, requested_count, task_ids, next_page_token } = await unary(this.stub, 'CancelTasks', request, this.timeoutMs);
+    return { ended_count, requested_count, task_ids, next_page_token };
+  }
+
+  /** CancelTasks call after call, following the tokens to the end (same
+   * filters as cancelTasksPage); returns `{ended_count, requested_count, task_ids}` summed. */
+  async cancelTasks(filters = {}) {
+    const done = { ended_count: 0, requested_count: 0, task_ids: [] };
+    let page_token = '';
+    do {
+      const page = await this.cancelTasksPage({ ...filters, page_token });
+      done.ended_count += page.ended_count;
+      done.requested_count += page.requested_count;
+      done.task_ids.push(...page.task_ids);
+      page_token = page.next_page_token;
+    } while (page_token);
+    return done;
+  }
+
+  /** The startable task types, as `toPlainTaskType` makes them. */
   async listTaskTypes() {
     const { task_types } = await unary(this.stub, 'ListTaskTypes', {}, this.timeoutMs);
-    return task_types.map((type) => ({
-      ...type,
-      parameters: type.parameters.map((p) => ({ ...p, default_value: p.default_value ? fromValue(p.default_value) : undefined })),
-    }));
+    return task_types.map(toPlainTaskType);
   }
 
   /** One page of ListTasks: `{tasks, next_page_token}`, tasks newest first.

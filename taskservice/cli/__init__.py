@@ -1,5 +1,6 @@
 """`taskservice` command line: serve, worker, dev, health; and the client commands
-(start, status, cancel, watch, ls, tasks: see taskservice.client.commands)."""
+(start, status, cancel, cancel-many, watch, ls, tasks: see
+taskservice.client.commands)."""
 
 from __future__ import annotations
 

@@ -4,10 +4,12 @@ decoding each answer and each error. `Client` and `AsyncClient` only do I/O
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
 import socket
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -15,7 +17,8 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
-from taskservice.client.models import Task, TaskType, to_value
+from taskservice.client.models import CancelledTasks, Task, TaskType, to_value
+from taskservice.client.retry import Attempts, RetryPolicy, WatchAttempts
 from taskservice.core.errors import TaskServiceError, from_status
 from taskservice.core.states import CancelMode, ConflictPolicy, TaskState
 
@@ -35,6 +38,18 @@ _SPREAD_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 """Target schemes that may name several servers (gRPC's name syntax)."""
 
 Options = list[tuple[str, str | int]]
+
+MAX_PAGE_SIZE = 500
+"""The most tasks the server lists or cancels in one call."""
+
+DEFAULT_RETRY = RetryPolicy()
+"""How the clients retry unless told otherwise (`retry=None`: not at all)."""
+
+
+def new_request_id() -> str:
+    """A request_id for a Start or Cancel whose caller gave none: every
+    attempt of the call sends it, so a retry cannot act twice."""
+    return str(uuid.uuid4())
 
 
 def default_target() -> str:
@@ -136,10 +151,38 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
 
 
-def error_from(rpc_error: grpc.RpcError) -> TaskServiceError:
+PLAINTEXT_TO_TLS = (
+    "the server closed the connection: if it speaks TLS, connect with TLS "
+    "(CLI: --tls, and --ca-file for a private CA; Python: credentials=channel_credentials(...))"
+)
+TLS_TO_PLAINTEXT = (
+    "the server answered the TLS handshake with something else: if it does not speak TLS, "
+    "connect without (CLI: no --tls/--ca-file/--cert-file; Python: no credentials)"
+)
+
+
+def connection_hint(code: str, details: str, *, tls: bool | None) -> str:
+    """What to try when a call failed before reaching the server in a way a
+    TLS mismatch explains ("" otherwise, or if `tls`, whether this client
+    used TLS, is unknown). A plaintext client's first bytes make a TLS
+    server hang up: gRPC says only "Socket closed" while connecting (not the
+    same as a connection refused, or one lost mid-call); a TLS client meeting
+    a plaintext server fails its handshake on a wrong record version."""
+    if code != "UNAVAILABLE" or tls is None:
+        return ""
+    if not tls and "failed to connect" in details and "Socket closed" in details:
+        return PLAINTEXT_TO_TLS
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return TLS_TO_PLAINTEXT
+    return ""
+
+
+def error_from(rpc_error: grpc.RpcError, *, tls: bool | None = None) -> TaskServiceError:
     """The error a failed call stands for: the class the server raised (by
     the ErrorInfo reason, else the code), with its message, metadata and
-    BadRequest violations (taskservice.core.errors)."""
+    BadRequest violations (taskservice.core.errors); with a `hint` when
+    `tls` (whether the channel uses TLS, None if unknown) explains a failed
+    connection."""
     call: Any = rpc_error  # a grpc.Call (sync) or grpc.aio.AioRpcError
     code: grpc.StatusCode = call.code()
     message: str = call.details() or code.name
@@ -158,15 +201,36 @@ def error_from(rpc_error: grpc.RpcError) -> TaskServiceError:
                 reason, metadata = info.reason, dict(info.metadata)
             elif detail.Unpack(bad):
                 violations = [(v.field, v.description) for v in bad.field_violations]
-    return from_status(code.name, message, reason=reason, metadata=metadata, violations=violations)
+    error = from_status(code.name, message, reason=reason, metadata=metadata, violations=violations)
+    error.hint = connection_hint(code.name, message, tls=tls)
+    return error
 
 
 class BaseClient:
     """Options, requests and decoding; the subclasses call the server."""
 
-    def __init__(self, *, token: str | None, timeout: float | None) -> None:
+    def __init__(
+        self, *, token: str | None, timeout: float | None, retry: RetryPolicy | None
+    ) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._timeout = timeout
+        self._retry = retry
+
+    def _channel_options(self, options: Options) -> Options:
+        """`options` for a channel this client makes, and the policy's own."""
+        return options + (self._retry.channel_options() if self._retry else [])
+
+    def _attempts(self, request: Any) -> Attempts | None:
+        """The schedule of a unary call's attempts; None if it is made once."""
+        if self._retry is None:
+            return None
+        if isinstance(request, pb.StartRequest | pb.CancelRequest) and not request.request_id:
+            return None  # a repeat could act twice (the clients always set one)
+        return Attempts(self._retry, self._timeout)
+
+    def _watch_attempts(self, task_id: str, key: str, after_sequence: int) -> WatchAttempts:
+        """What a watch asks, re-asked after each drop (see WatchAttempts)."""
+        return WatchAttempts(self._retry, _select(task_id, key), after_sequence)
 
     # -- Requests ------------------------------------------------------------
 
@@ -178,19 +242,34 @@ class BaseClient:
         *,
         key: str,
         conflict_policy: ConflictPolicy | str,
+        replace_mode: CancelMode | str | None,
         countdown: float | None,
+        start_at: datetime.datetime | None,
         queue: str,
         time_limit: float | None,
         soft_time_limit: float | None,
         request_id: str,
     ) -> pb.StartRequest:
         policy = _member(ConflictPolicy, conflict_policy, "conflict_policy")
+        if countdown is not None and start_at is not None:
+            raise ValueError("give countdown or start_at, not both")
+        if start_at is not None and not isinstance(start_at, datetime.datetime):
+            raise TypeError(f"start_at must be a datetime, not {type(start_at).__name__}")
+        if start_at is not None and start_at.utcoffset() is None:
+            # A naive time means another moment on a machine in another zone.
+            raise ValueError(
+                f"start_at {start_at.isoformat()} has no time zone: give an aware datetime "
+                "(e.g. datetime.now(UTC) + timedelta(hours=1))"
+            )
         request = pb.StartRequest(
             task_name=task_name,
             exclusivity_key=key,
             conflict_policy=pb.ConflictPolicy.Value(f"CONFLICT_POLICY_{policy}"),
-            request_id=request_id,
+            request_id=request_id or new_request_id(),
         )
+        if replace_mode is not None:
+            mode = _member(CancelMode, replace_mode, "replace_mode")
+            request.replace_mode = pb.CancelMode.Value(f"CANCEL_MODE_{mode}")
         request.args.CopyFrom(to_value(list(args)).list_value)
         request.kwargs.CopyFrom(to_value(dict(kwargs or {})).struct_value)
         options = request.options
@@ -202,6 +281,8 @@ class BaseClient:
         ):
             if seconds is not None:
                 getattr(options, name).FromNanoseconds(round(seconds * 1e9))
+        if start_at is not None:
+            options.start_time.FromDatetime(start_at)  # aware: converted to UTC
         return request
 
     @staticmethod
@@ -214,12 +295,8 @@ class BaseClient:
         return pb.CancelRequest(
             task_id=task_id,
             mode=pb.CancelMode.Value(f"CANCEL_MODE_{member}"),
-            request_id=request_id,
+            request_id=request_id or new_request_id(),
         )
-
-    @staticmethod
-    def _watch_request(task_id: str, key: str, after_sequence: int) -> pb.WatchStatusRequest:
-        return pb.WatchStatusRequest(**_select(task_id, key), after_sequence=after_sequence)
 
     @staticmethod
     def _list_request(
@@ -229,16 +306,44 @@ class BaseClient:
         page_size: int,
         page_token: str,
     ) -> pb.ListTasksRequest:
-        numbers = [
-            pb.TaskState.Value(f"TASK_STATE_{_member(TaskState, s, 'state')}") for s in states
-        ]
         return pb.ListTasksRequest(
-            states=numbers,
+            states=_states(states),
             task_name=task_name,
             exclusivity_key=key,
             page_size=page_size,
             page_token=page_token,
         )
+
+    @staticmethod
+    def _cancel_tasks_request(
+        states: Sequence[TaskState | str],
+        task_name: str,
+        key: str,
+        mode: CancelMode | str,
+        page_size: int,
+        page_token: str,
+    ) -> pb.CancelTasksRequest:
+        member = _member(CancelMode, mode, "cancel mode")
+        return pb.CancelTasksRequest(
+            states=_states(states),
+            task_name=task_name,
+            exclusivity_key=key,
+            mode=pb.CancelMode.Value(f"CANCEL_MODE_{member}"),
+            page_size=page_size,
+            page_token=page_token,
+        )
+
+    @staticmethod
+    def _cancel_page_size(page_size: int, limit: int | None, counted: int) -> int | None:
+        """The page_size of cancel_all's next call; None once `limit` tasks
+        are counted. ValueError for a `limit` below 1."""
+        if limit is None:
+            return page_size
+        if limit <= 0:
+            raise ValueError(f"limit must be positive (None for no limit), not {limit}")
+        if counted >= limit:
+            return None
+        return min(limit - counted, page_size or MAX_PAGE_SIZE)
 
     # -- Answers -------------------------------------------------------------
 
@@ -253,6 +358,14 @@ class BaseClient:
     @staticmethod
     def _task_types(response: pb.ListTaskTypesResponse) -> list[TaskType]:
         return [TaskType.from_message(t) for t in response.task_types]
+
+    @staticmethod
+    def _cancelled(response: pb.CancelTasksResponse) -> CancelledTasks:
+        return CancelledTasks.from_message(response)
+
+
+def _states(states: Sequence[TaskState | str]) -> list[pb.TaskState.ValueType]:
+    return [pb.TaskState.Value(f"TASK_STATE_{_member(TaskState, s, 'state')}") for s in states]
 
 
 def _select(task_id: str, key: str) -> dict[str, str]:

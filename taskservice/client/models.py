@@ -1,5 +1,5 @@
-"""What the client's calls return: tasks and task types as frozen dataclasses,
-and google.protobuf.Value <-> Python."""
+"""What the client's calls return: tasks, task types and what CancelTasks did
+as frozen dataclasses, and google.protobuf.Value <-> Python."""
 
 from __future__ import annotations
 
@@ -49,7 +49,12 @@ class Task:
     """True when Start returned a task already running under the key."""
     fencing_token: int = 0
     """Larger than the token of every task started under its exclusivity key
-    before it (the task's body has it as `self.fencing_token`); 0 without a key."""
+    before it (the task's body has it as `self.fencing_token`); 0 without a key
+    and while the task waits for its key."""
+    waiting_for: str = ""
+    """While the task waits for its exclusivity key (ConflictPolicy REPLACE,
+    QUEUE_LATEST, QUEUE): the id of the task it waits to end; "" once it holds
+    the key, and for every other task."""
     message: pb.Task = field(default_factory=pb.Task, repr=False, compare=False)
     """The message as received."""
 
@@ -57,6 +62,11 @@ class Task:
     def terminal(self) -> bool:
         """True once the task has ended: it will not change again."""
         return self.state.terminal
+
+    @property
+    def waiting(self) -> bool:
+        """True while the task waits for its exclusivity key (`waiting_for`)."""
+        return bool(self.waiting_for)
 
     @classmethod
     def from_message(cls, message: pb.Task, *, already_existed: bool = False) -> Task:
@@ -95,7 +105,46 @@ class Task:
             scheduled_time=when("scheduled_time"),
             already_existed=already_existed,
             fencing_token=message.fencing_token,
+            waiting_for=message.waiting_for,
             message=message,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledTasks:
+    """What CancelTasks did: `ended` tasks it ended CANCELLED (queued ones),
+    `requested` running ones it asked to stop (each ends CANCELLED once its
+    worker stops it), the ids of both, newest first, and the token that
+    continues with the tasks it did not reach ("" when none are left)."""
+
+    ended: int
+    requested: int
+    task_ids: list[str]
+    next_page_token: str = ""
+
+    @property
+    def done(self) -> bool:
+        """True when no matching task is left beyond these."""
+        return not self.next_page_token
+
+    @classmethod
+    def from_message(cls, message: pb.CancelTasksResponse) -> CancelledTasks:
+        """What a taskservice.v1.CancelTasksResponse says."""
+        return cls(
+            ended=message.ended_count,
+            requested=message.requested_count,
+            task_ids=list(message.task_ids),
+            next_page_token=message.next_page_token,
+        )
+
+    def then(self, later: CancelledTasks) -> CancelledTasks:
+        """This call's counts and ids followed by a later call's, with the
+        later call's token."""
+        return CancelledTasks(
+            ended=self.ended + later.ended,
+            requested=self.requested + later.requested,
+            task_ids=self.task_ids + later.task_ids,
+            next_page_token=later.next_page_token,
         )
 
 
@@ -113,12 +162,29 @@ class Parameter:
 
 @dataclass(frozen=True, slots=True)
 class TaskType:
-    """A task type Start accepts."""
+    """A task type Start accepts, with how its exclusivity keys behave."""
 
     name: str
     description: str
     default_exclusivity_key: str
     parameters: list[Parameter]
+    key_slots: int = 0
+    """How many of its tasks may run at once under one key; 0: the server's
+    TASKSERVICE_KEY_SLOTS for the key (1 unless set)."""
+    key_line_limit: int = 0
+    """The longest line of tasks waiting for a key (ConflictPolicy.QUEUE); 0:
+    the server's TASKSERVICE_KEY_LINE_LIMIT."""
+    quiet_period: float | None = None
+    """Seconds a key refuses Starts (KeyQuiet) after a task of this type
+    ended under it; None: no quiet period."""
+    quiet_after_success: bool = False
+    """The quiet period follows only a SUCCEEDED task."""
+    replace_mode: CancelMode | None = None
+    """How ConflictPolicy.REPLACE cancels a running task of this type when the
+    Start names no replace_mode (TERMINATE unless the type says); None from a
+    server older than this field."""
+    message: pb.TaskType = field(default_factory=pb.TaskType, repr=False, compare=False)
+    """The message as received."""
 
     @classmethod
     def from_message(cls, message: pb.TaskType) -> TaskType:
@@ -137,6 +203,20 @@ class TaskType:
                 )
                 for p in message.parameters
             ],
+            key_slots=message.key_slots,
+            key_line_limit=message.key_line_limit,
+            quiet_period=(
+                message.quiet_period.ToNanoseconds() / 1e9
+                if message.HasField("quiet_period")
+                else None
+            ),
+            quiet_after_success=message.quiet_after_success,
+            replace_mode=(
+                _enum(CancelMode, pb.CancelMode, message.replace_mode, "CANCEL_MODE_")
+                if message.replace_mode
+                else None
+            ),
+            message=message,
         )
 
 

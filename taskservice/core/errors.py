@@ -18,6 +18,8 @@ gRPC. Hierarchy (code, then reason = the class's `reason`):
         KeyNotFound                              no task ever ran under the key (or it expired)
       AlreadyExists          ALREADY_EXISTS
         TaskAlreadyRunning                       the key is held; `task_id` = the holder
+        KeyQuiet                                 the key's quiet period after a run; `task_id`
+                                                 = the task that ended, `free_time` = when
       FailedPrecondition     FAILED_PRECONDITION
         TaskFinished                             cancel of a task that already finished
         Misconfigured                            the server cannot use Redis or the broker as
@@ -32,6 +34,7 @@ gRPC. Hierarchy (code, then reason = the class's `reason`):
         PublishBacklog                           too many Starts are waiting for the broker
         RedisOutOfMemory                         Redis reached its maxmemory
         RedisPoolExhausted                       every Redis connection of the server is busy
+        KeyLineFull                              the key's line of waiting tasks is full
       Unavailable            UNAVAILABLE         retryable
         RedisUnavailable                         Redis unreachable or too slow
         RedisBusy                                Redis is loading, or running a long script
@@ -62,6 +65,9 @@ class TaskServiceError(Exception):
 
     code: str = "INTERNAL"
     reason: str = "INTERNAL"
+    hint: str = ""
+    """What to try, when the client can tell the likely cause of a failed
+    connection (a plaintext call to a TLS server, say); never sent by a server."""
 
     def __init__(
         self, message: str, *, violations: list[tuple[str, str]] | None = None, **metadata: str
@@ -78,7 +84,8 @@ class TaskServiceError(Exception):
         return self.metadata.get("task_id", "")
 
     def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
+        text = f"{self.code}: {self.message}"
+        return f"{text}; {self.hint}" if self.hint else text
 
 
 class InvalidArgument(TaskServiceError):
@@ -132,6 +139,13 @@ class TaskAlreadyRunning(AlreadyExists):
     """An unfinished task holds the exclusivity key; `task_id` names it."""
 
     reason = "TASK_ALREADY_RUNNING"
+
+
+class KeyQuiet(AlreadyExists):
+    """The key is in its quiet period after a task ended: `task_id` names that
+    task, metadata `free_time` (RFC 3339) says when the key takes Starts again."""
+
+    reason = "KEY_QUIET"
 
 
 class FailedPrecondition(TaskServiceError):
@@ -199,6 +213,13 @@ class RedisPoolExhausted(ResourceExhausted):
     """Every Redis connection of this server is in use."""
 
     reason = "REDIS_POOL_EXHAUSTED"
+
+
+class KeyLineFull(ResourceExhausted):
+    """CONFLICT_POLICY_QUEUE: the key's line of waiting tasks is at its limit
+    (metadata `exclusivity_key`, `limit`); retry once the line moved."""
+
+    reason = "KEY_LINE_FULL"
 
 
 class Unavailable(TaskServiceError):

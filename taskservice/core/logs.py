@@ -16,7 +16,9 @@ binds task_id, exclusivity_key and request_id where it learns them
 (taskservice.server.backend); a worker binds task_id and task_name around each task
 it runs, and exclusivity_key once its record says it (taskservice.worker.signals). Each
 gRPC call and each task run has its own context, so fields never leak from
-one to another.
+one to another. With tracing on (taskservice.core.tracing), a line logged
+inside a span also carries its `trace_id` and `span_id`: in a worker, those
+of the task's run; in the server, those of the call (or of its claim).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+
+from taskservice.core import tracing
 
 FORMATS = ("json", "console")
 
@@ -54,8 +58,12 @@ def configure(
     else:
         ending = []
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    shared = list(_SHARED)
+    trace_ids = tracing.log_fields()  # None when tracing is off: lines pay nothing
+    if trace_ids is not None:
+        shared.append(trace_ids)
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_SHARED,
+        foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *ending,
@@ -72,7 +80,7 @@ def configure(
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
-            *_SHARED,
+            *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),

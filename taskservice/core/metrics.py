@@ -9,6 +9,14 @@ A server (`ServerMetrics`, on `metrics_port`):
     taskservice_tasks_ended_total{task_name, state}    ends this server made (see below)
     taskservice_conflicts_total{task_name, policy}     Starts that met a held exclusivity key
     taskservice_lease_expiries_total                   tasks the sweeper ended: lease lapsed
+    taskservice_messages_restored_total                unacknowledged broker messages the
+                                                       sweeper put back in their queue
+    taskservice_key_waits_total{task_name, policy}     Starts that wait for their key
+    taskservice_superseded_total{task_name}            waiting tasks a newer Start superseded
+    taskservice_key_handovers                          keys handed from an ended task to a
+                                                       waiting one, deployment-wide (read
+                                                       from Redis: every server shows the
+                                                       same total)
 
 A worker (`WorkerMetrics`, on `worker_metrics_port`, served by its main
 process for all its pool processes):
@@ -29,7 +37,8 @@ say so (the sweeper would have ended it within `sweep_interval`).
 Labels stay bounded: `task_name` is a task type the deployment exposes (the
 server checks it; a record of another name is counted without one), `state`
 one of succeeded, failed, cancelled, lost (the TaskState a client sees),
-`code` a gRPC status code, `policy` fail or return_existing.
+`code` a gRPC status code, `policy` fail, return_existing, quiet or
+line_full for conflicts and replace, queue_latest or queue for waits.
 
 A server not serving metrics skips the per-call ones (a counter and a
 histogram cost the guard about 2.5 us a call); the rest, a few per task, it
@@ -43,7 +52,7 @@ from __future__ import annotations
 import enum
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +65,8 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus_client's multiprocess folder; it must be set before
@@ -126,6 +137,32 @@ class ServerMetrics:
             "Tasks the lease sweeper ended because their lease lapsed.",
             registry=registry,
         )
+        self.messages_restored = Counter(
+            "taskservice_messages_restored",
+            "Unacknowledged broker messages the sweeper put back in their queue: their "
+            "worker took them and vanished before leasing their tasks.",
+            registry=registry,
+        )
+        self.waits = Counter(
+            "taskservice_key_waits",
+            "Starts accepted to wait for their exclusivity key, by conflict policy.",
+            ["task_name", "policy"],
+            registry=registry,
+        )
+        self.superseded = Counter(
+            "taskservice_superseded",
+            "Tasks waiting for their key that a newer Start (of task_name) superseded: they "
+            "never ran.",
+            ["task_name"],
+            registry=registry,
+        )
+        self.handovers = Gauge(
+            "taskservice_key_handovers",
+            "Exclusivity keys handed from an ended task to a waiting one, in the whole "
+            "deployment (the scripts count them in Redis; every server shows the same total).",
+            registry=registry,
+            multiprocess_mode="max",
+        )
 
     def rpc(self, method: str, *, timed: bool) -> Callable[[enum.Enum, float], None]:
         """What a guarded method calls once per call with its status code (a
@@ -178,6 +215,32 @@ class WorkerMetrics:
             registry=registry,
         )
 
+    def declared(self) -> list[MetricWrapperBase]:
+        """Every metric of the worker, for `serve` to list from the start."""
+        return [self.tasks_ended, self.task_duration, self.tasks_refused]
+
+
+class _Summed:
+    """The sum of the files every process writes (prometheus_client's
+    MultiProcessCollector), and the HELP and TYPE of each `declared` metric
+    no process has written yet. A process writes a labelled metric's file
+    only with its first labelled value: without this, a fresh worker's
+    /metrics would list none of its metrics until a task ended."""
+
+    def __init__(self, declared: Sequence[MetricWrapperBase]) -> None:
+        self._files = multiprocess.MultiProcessCollector(None)  # type: ignore[no-untyped-call]
+        self._declared = declared
+
+    def collect(self) -> Iterator[Metric]:
+        written = set()
+        for family in self._files.collect():  # type: ignore[no-untyped-call]
+            written.add(family.name)
+            yield family
+        for metric in self._declared:
+            for family in metric.describe():  # name, help and type; no samples
+                if family.name not in written:
+                    yield family
+
 
 @dataclass
 class Endpoint:
@@ -195,13 +258,20 @@ class Endpoint:
         self._thread.join(5)
 
 
-def serve(host: str, port: int, registry: CollectorRegistry | None = None) -> Endpoint:
+def serve(
+    host: str,
+    port: int,
+    registry: CollectorRegistry | None = None,
+    *,
+    declared: Sequence[MetricWrapperBase] = (),
+) -> Endpoint:
     """Serve `registry` on http://host:port/metrics, or, without one, the
-    sum of every process writing to PROMETHEUS_MULTIPROC_DIR. OSError if the
-    port is taken."""
+    sum of every process writing to PROMETHEUS_MULTIPROC_DIR, listing the
+    `declared` metrics (at least their HELP and TYPE) before any process
+    wrote them. OSError if the port is taken."""
     if registry is None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(_Summed(declared))
     server, thread = start_http_server(port, host, registry=registry)
     return Endpoint(host, server.server_address[1], server, thread)
 

@@ -36,6 +36,20 @@ Keys:
     <prefix>:request:{<request id>}  HASH   what a request id was used for
                                             (fingerprint, task, response), so
                                             a retried call is answered alike
+    <prefix>:holders:{<key>}         ZSET   the key's unfinished holders (id ->
+                                            claim ms): at most its slots
+    <prefix>:line:{<key>}            LIST   the tasks waiting for the key, in
+                                            order (REPLACE, QUEUE_LATEST, QUEUE)
+    <prefix>:quiet:{<key>}           STRING the task whose end started the key's
+                                            quiet period; expires when it ends
+    <prefix>:send:{<task id>}        HASH   how a deferred task reaches the broker:
+                                            the broker list and message, or the
+                                            delivery a server publishes
+    <prefix>:due                     ZSET   task id -> when a deferred task is
+                                            sent (ms, Redis clock): its start
+                                            time, or its turn for its key
+    <prefix>:stats                   HASH   counters the scripts keep
+                                            (handovers, superseded, waits)
     <prefix>:events                  pub/sub channel: "<task id> <record JSON>"
 
 A script may touch more than the record it is about: a Start's claim also
@@ -159,6 +173,18 @@ def index_key(prefix: str, *, active: bool = False, name: str = "", key: str = "
     return f"{prefix}:index:active" if active else f"{prefix}:index"
 
 
+def due_key(prefix: str) -> str:
+    """The Redis key of the due set (task id -> when a deferred task is sent,
+    ms on Redis's clock), which every server's dispatcher reads."""
+    return f"{prefix}:due"
+
+
+def stats_key(prefix: str) -> str:
+    """The Redis key of the deployment's counters kept by the scripts
+    (hand-overs, supersessions, waits: a hash)."""
+    return f"{prefix}:stats"
+
+
 def leases_key(prefix: str) -> str:
     """The Redis key of the lease set (task id -> deadline, ms on Redis's clock)."""
     return f"{prefix}:leases"
@@ -213,6 +239,8 @@ class TaskRecord:
     before it; 0 without a key."""
     publishing: bool = False
     """Its Start has not yet confirmed that the broker has the message."""
+    waiting_for: str = ""
+    """While it waits for its exclusivity key: the task whose end it awaits."""
     fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     """The stored fields it was decoded from."""
 
@@ -286,6 +314,7 @@ class TaskRecord:
             cancel=fields.get("cancel", ""),
             fencing_token=int(fields.get("fence", "0")),
             publishing="publishing" in fields,
+            waiting_for=fields.get("waiting_for", ""),
             fields=fields,
         )
 

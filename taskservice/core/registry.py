@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
+from taskservice.core.states import CancelMode
+
 EXCLUSIVITY_KEY_PATTERN = re.compile(r"[A-Za-z0-9._:@/-]{1,128}")
 
 
@@ -36,6 +38,33 @@ class ArgumentsInvalid(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRules:
+    """What a task type declares about its exclusivity keys (`expose`)."""
+
+    slots: int = 0
+    """Tasks of the type that may run at once under one key; 0: the server's
+    TASKSERVICE_KEY_SLOTS for the key (1 unless set)."""
+    line_limit: int = 0
+    """The longest line waiting for a key (QUEUE); 0: TASKSERVICE_KEY_LINE_LIMIT."""
+    quiet_period: float = 0.0
+    """Seconds a key refuses Starts after a task of the type ended (0: none)."""
+    quiet_after_success: bool = False
+    """The quiet period follows only a task that succeeded."""
+    replace_mode: CancelMode = CancelMode.TERMINATE
+    """How REPLACE cancels a running task of the type when the Start names no mode."""
+
+    def __post_init__(self) -> None:
+        if self.slots < 0 or self.line_limit < 0:
+            raise ValueError("key_slots and key_line_limit must not be negative")
+        if not 0 <= self.quiet_period < 10**9:
+            raise ValueError(
+                f"quiet_period must be a non-negative number of seconds, not {self.quiet_period!r}"
+            )
+        if self.replace_mode is CancelMode.UNSPECIFIED:
+            raise ValueError("replace_mode must be GRACEFUL, TERMINATE or KILL")
+
+
+@dataclass(frozen=True, slots=True)
 class TaskType:
     """A task that may be started, with what a caller needs to start it."""
 
@@ -48,6 +77,7 @@ class TaskType:
     default_exclusivity_key: str
     validators: Mapping[str, TypeAdapter[Any]] = field(default_factory=dict)
     """Per annotated parameter, what checks (and converts) its JSON value."""
+    key_rules: KeyRules = KeyRules()
 
     def check(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """The arguments as the task should receive them, converted to its
@@ -174,7 +204,9 @@ class TaskRegistry:
         self._types: dict[str, TaskType] = {}
         self._modules: frozenset[str] | None = None
 
-    def add(self, task: Any, *, exclusivity_key: str = "") -> None:
+    def add(
+        self, task: Any, *, exclusivity_key: str = "", key_rules: KeyRules = KeyRules()
+    ) -> None:
         """Make Celery task `task` startable; `exclusivity_key` is the key a
         Start uses when the caller gives none (empty: none)."""
         check_default_key(exclusivity_key)
@@ -192,6 +224,7 @@ class TaskRegistry:
             description=inspect.cleandoc(task.run.__doc__ or ""),
             default_exclusivity_key=exclusivity_key,
             validators=_validators(task.run, signature),
+            key_rules=key_rules,
         )
 
     def get(self, name: str) -> TaskType | None:

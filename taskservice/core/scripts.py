@@ -1,4 +1,5 @@
-"""Every Lua script that changes a task record, and its contract.
+"""Every Lua script that changes a task record (and the few that read several
+keys in one step), and its contract.
 
 The Lua lives in taskservice/core/lua/ (package data), one file per script,
 each run after the shared `prelude.lua` (who may hold an exclusivity key,
@@ -70,6 +71,10 @@ NAMES = (
     "list",
     "remember",
     "orphan",
+    "due",
+    "sent",
+    "unacked",
+    "unvouched",
 )
 """Every script, by the name of its file."""
 
@@ -104,6 +109,44 @@ class Claimed:
 
     fencing_token: int = 0
     """Its fencing token, on its record too (0 without an exclusivity key)."""
+    superseded: tuple[str, ...] = ()
+    """Tasks that waited for the key and ended, superseded by this one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """claim: accepted, and sent by the scripts and the dispatchers once it may
+    run: at its start time, or when its turn for the key comes."""
+
+    fencing_token: int = 0
+    """Its fencing token if it holds its key already (0 while it waits)."""
+    waiting_for: str = ""
+    """The task whose end it waits for; "" if it holds its key (or has none)."""
+    superseded: tuple[str, ...] = ()
+    """Tasks that waited for the key and ended, superseded by this one."""
+    revoke: str = ""
+    """REPLACE: the running task asked to stop, to revoke with `revoke_mode`."""
+    revoke_mode: str = ""
+    record: TaskRecord | None = None
+    """The record, when it changed in the claim itself (REPLACE of a queued
+    task hands the key over at once); None: as accepted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quiet:
+    """claim: the key is in its quiet period after a task ended."""
+
+    last: TaskRecord | None
+    """The task that ended (None if its record expired)."""
+    free_in: float
+    """Seconds until the key takes Starts again."""
+
+
+@dataclass(frozen=True, slots=True)
+class LineFull:
+    """claim: QUEUE, and the key's line of waiting tasks is at its limit."""
+
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +281,27 @@ class Swept:
 
 
 @dataclass(frozen=True, slots=True)
+class Due:
+    """due: the entries looked at, and the deliveries to publish (task id,
+    delivery JSON); each then needs `sent`."""
+
+    seen: int
+    handovers: int
+    """Keys handed from an ended task to a waiting one so far, deployment-wide."""
+    deliveries: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class UnackedPage:
+    """unacked: the broker's index entries looked at, and the messages still
+    in its hash among them: (delivery tag, kombu's `[message, exchange,
+    routing key]` JSON)."""
+
+    seen: int
+    messages: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class ListPage:
     """list: the entries found (score, record), and where the scan stopped:
     `more` if the index may hold more past (`score`, `last_id`)."""
@@ -253,15 +317,31 @@ def _status(reply: Any) -> tuple[str, str]:
     return str(status), str(detail)
 
 
-def _claim(reply: Any) -> Claimed | Held | Repeat | Reused:
-    status, detail = _status(reply)
+def _claim(reply: Any) -> Claimed | Deferred | Held | Quiet | LineFull | Repeat | Reused:
+    status, detail, *more = (str(part) for part in reply)
     if status == "held":
         return Held(TaskRecord.from_json(detail))
+    if status == "quiet":
+        last = TaskRecord.from_json(detail) if detail else None
+        return Quiet(last, max(0, int(more[0])) / 1000)
+    if status == "full":
+        return LineFull(int(detail))
     if status == "repeat":
         return Repeat(detail)
     if status == "reused":
         return Reused()
-    return Claimed(int(detail or 0))
+    waiting_for, gone, revoke, mode, *changed = more or ("", "", "", "")
+    superseded = tuple(gone.split(",")) if gone else ()
+    if status == "deferred":
+        rec = TaskRecord.from_json(changed[0]) if changed else None
+        return Deferred(int(detail or 0), waiting_for, superseded, revoke, mode, rec)
+    return Claimed(int(detail or 0), superseded)
+
+
+def _due(reply: Any) -> Due:
+    seen, handovers, *found = reply
+    deliveries = [(str(found[n]), str(found[n + 1])) for n in range(0, len(found), 2)]
+    return Due(int(seen), int(handovers), deliveries)
 
 
 def _confirm(reply: Any) -> Confirmed | Moved | Missing:
@@ -342,6 +422,15 @@ def _sweep(reply: Any) -> Swept:
     return Swept(int(seen), expired)
 
 
+def _unacked(reply: Any) -> UnackedPage:
+    seen, *found = reply
+    return UnackedPage(int(seen), list(zip(found[::2], found[1::2], strict=True)))
+
+
+def _ids(reply: Any) -> list[str]:
+    return [str(task_id) for task_id in reply]
+
+
 def _list(reply: Any) -> ListPage:
     more, score, last, *found = reply
     entries = [
@@ -379,12 +468,21 @@ class Scripts:
         provisional_ms: int,
         request: Request | None = None,
         push: tuple[str, str] | None = None,
-    ) -> Call[Claimed | Held | Repeat | Reused]:
-        """Make the new task (`fields`) the holder of `exclusivity_key` unless
-        an unfinished task holds it, with a fencing token above every earlier
-        holder's. With `push` (broker list, message), the message is enqueued
-        in the same step; without, the claim carries a provisional lease until
-        `confirm` (or `abandon`)."""
+        policy: str = "REJECT",
+        slots: int = 1,
+        line_limit: int = 0,
+        replace_mode: str = "TERMINATE",
+        delivery: str = "",
+        delay_ms: int = 0,
+    ) -> Call[Claimed | Deferred | Held | Quiet | LineFull | Repeat | Reused]:
+        """Make the new task (`fields`) a holder of `exclusivity_key` if one of
+        its `slots` is free, with a fencing token above every earlier
+        holder's; else do what `policy` (a ConflictPolicy's name) says (see
+        claim.lua). With `push` (broker list, message), the message is enqueued
+        in the same step (or kept, for a deferred task); without, the claim
+        carries a provisional lease until `confirm` (or `abandon`), and a
+        deferred task keeps `delivery` for the dispatcher to publish. `delay_ms`:
+        the task may run no earlier than this long from now (Redis's clock)."""
         task_id = fields["id"]
         keys = [record.task_key(self.prefix, task_id)]
         if exclusivity_key:
@@ -399,8 +497,27 @@ class Scripts:
                 str(request.ttl),
             ]
         push_args = list(push) if push else ["", ""]
-        args = [task_id, str(provisional_ms), *request_args, *push_args, *_pairs(fields)]
+        policy_args = [policy, str(slots), str(line_limit), replace_mode, delivery]
+        args = [
+            task_id,
+            str(provisional_ms),
+            *request_args,
+            *push_args,
+            *policy_args,
+            str(delay_ms) if delay_ms > 0 else "",
+            exclusivity_key,
+            *_pairs(fields),
+        ]
         return self._call("claim", keys, _claim, *args)
+
+    def due(self, limit: int, *, retry_ms: int) -> Call[Due]:
+        """Send up to `limit` deferred tasks whose time has come; the ones the
+        caller must publish (then `sent`), due again `retry_ms` later until then."""
+        return self._call("due", [record.due_key(self.prefix)], _due, str(limit), str(retry_ms))
+
+    def sent(self, task_id: str) -> Call[None]:
+        """The broker has the deferred task's message (see `due`)."""
+        return self._call("sent", [record.due_key(self.prefix)], _none, task_id)
 
     def confirm(
         self, task_id: str, *, push: tuple[str, str] | None = None
@@ -481,6 +598,24 @@ class Scripts:
     def sweep(self, limit: int) -> Call[Swept]:
         """End up to `limit` tasks whose lease lapsed."""
         return self._call("sweep", [record.leases_key(self.prefix)], _sweep, str(limit))
+
+    def unacked(
+        self, index: str, messages: str, *, age_ms: int, skip: int, limit: int
+    ) -> Call[UnackedPage]:
+        """Up to `limit` of the broker's unacknowledged messages taken more
+        than `age_ms` ago (Redis's clock), oldest first after the first
+        `skip`: kombu's Redis transport keeps them in the sorted set `index`
+        and the hash `messages` (their full names, its global_keyprefix
+        included). Changes nothing."""
+        return self._call(
+            "unacked", [index, messages], _unacked, str(age_ms), str(skip), str(limit)
+        )
+
+    def unvouched(self, task_ids: Iterable[str]) -> Call[list[str]]:
+        """Those of `task_ids` that nobody vouches for: QUEUED (PENDING, not
+        started) and without a lease. Tasks without a record are never among
+        them. Changes nothing."""
+        return self._call("unvouched", [record.leases_key(self.prefix)], _ids, *task_ids)
 
     def list_page(
         self,

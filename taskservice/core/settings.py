@@ -122,7 +122,24 @@ class Settings(BaseSettings):
 
     sweep_interval: float = Field(default=1.0, gt=0)
     """Seconds between each server's sweeps for lapsed leases: a dead worker's
-    task ends LOST within `lease` + `sweep_interval`."""
+    task ends LOST within `lease` + `sweep_interval`. The same sweep puts back
+    in its queue the message of a task a dead worker had taken but not yet
+    leased, once that message is `lease` old (broker on the records' Redis)."""
+
+    key_slots: str = ""
+    """Tasks that may run at once under the keys matching a pattern, for task
+    types that declare no `key_slots`: `,`-separated `<pattern>=<n>` entries,
+    a pattern a key or a prefix ending in `*` (the first match wins), e.g.
+    `tenant-*=4,report=2`. Keys matching none have one slot."""
+
+    key_line_limit: int = Field(default=100, gt=0)
+    """The longest line of Starts waiting for one key (CONFLICT_POLICY_QUEUE),
+    for task types that declare no `key_line_limit`."""
+
+    dispatch_interval: float = Field(default=0.2, gt=0)
+    """Seconds between each server's looks for deferred tasks that are due (a
+    countdown or start_time reached, or a key's turn that the broker must be
+    told of by a server): how late such a task may reach the broker."""
 
     publish_timeout: float = Field(default=5.0, gt=0)
     """Seconds a Start waits for the broker to take its message (less if the
@@ -132,6 +149,13 @@ class Settings(BaseSettings):
     max_pending_publishes: int = Field(default=64, gt=0)
     """Starts of one server that may wait for the broker at once; more answer
     RESOURCE_EXHAUSTED (a stalled broker cannot pile up work)."""
+
+    task_events: bool = True
+    """Whether the workers of taskservice's own app send Celery's task events
+    (received, started, succeeded...: a PUBLISH each on a Redis broker), so
+    that Flower and `celery events` see tasks without enabling them remotely.
+    Off: less work per task for the worker and Redis. A team's app
+    (`celery_app`) keeps its own `worker_send_task_events`."""
 
     worker_write_retry: float = Field(default=30.0, ge=0)
     """Seconds a worker keeps retrying a record change while Redis is
@@ -285,6 +309,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _key_slots_readable(self) -> Settings:
+        for entry in self.key_slots.split(","):
+            if not entry.strip():
+                continue
+            pattern, equals, count = entry.partition("=")
+            if not (equals and pattern.strip() and count.strip().isdigit() and int(count) > 0):
+                raise ValueError(
+                    f"key_slots: {entry.strip()!r} is not <key or prefix*>=<slots above 0>"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:
         if self.heartbeat_interval * 2 > self.lease:
             raise ValueError(
@@ -356,6 +392,25 @@ class Settings(BaseSettings):
     def queue_names(self) -> tuple[str, ...]:
         """The queues (and queue patterns ending in *) a Start may name."""
         return tuple(q.strip() for q in self.queues.split(",") if q.strip())
+
+    @property
+    def key_slot_rules(self) -> tuple[tuple[str, int], ...]:
+        """`key_slots` as (pattern, slots) pairs, in order."""
+        rules = []
+        for entry in self.key_slots.split(","):
+            if entry.strip():
+                pattern, _, count = entry.partition("=")
+                rules.append((pattern.strip(), int(count)))
+        return tuple(rules)
+
+    def slots_for(self, exclusivity_key: str) -> int:
+        """The slots of a key whose task type declares none (`key_slots`)."""
+        for pattern, slots in self.key_slot_rules:
+            if exclusivity_key == pattern or (
+                pattern.endswith("*") and exclusivity_key.startswith(pattern[:-1])
+            ):
+                return slots
+        return 1
 
     @property
     def task_modules(self) -> tuple[str, ...]:

@@ -52,6 +52,14 @@ class ConflictPolicy(enum.StrEnum):
     UNSPECIFIED = "UNSPECIFIED"
     REJECT = "REJECT"
     RETURN_EXISTING = "RETURN_EXISTING"
+    REPLACE = "REPLACE"
+    QUEUE_LATEST = "QUEUE_LATEST"
+    QUEUE = "QUEUE"
+
+    @property
+    def waits(self) -> bool:
+        """True for the policies under which a Start may wait for its key."""
+        return self in (ConflictPolicy.REPLACE, ConflictPolicy.QUEUE_LATEST, ConflictPolicy.QUEUE)
 
 
 class CancelMode(enum.StrEnum):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -97,6 +98,25 @@ async def test_grpcurl_lists_describes_and_calls_with_reflection(server: Server)
     messages = [json.loads(chunk) for chunk in watched.replace("}\n{", "}\x00{").split("\x00")]
     assert messages[-1]["task"]["state"] == "TASK_STATE_SUCCEEDED"
     assert messages[-1]["task"]["result"] == {"a": [1, 2.5, None, True]}
+    # README's CancelTasks example, on a task no worker will take.
+    key = f"grpcurl-{uuid.uuid4().hex[:8]}"
+    parked = json.loads(
+        await grpcurl(
+            server.port,
+            "taskservice.v1.TaskService/Start",
+            data=json.dumps(
+                {"task_name": "test.echo", "exclusivity_key": key, "options": {"queue": "parked-g"}}
+            ),
+        )
+    )
+    cancelled = json.loads(
+        await grpcurl(
+            server.port,
+            "taskservice.v1.TaskService/CancelTasks",
+            data=json.dumps({"exclusivity_key": key}),
+        )
+    )
+    assert cancelled == {"endedCount": 1, "taskIds": [parked["task"]["id"]]}
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])

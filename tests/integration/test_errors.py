@@ -265,7 +265,7 @@ async def test_arguments_are_checked_against_annotations_naming_the_parameter(
 def _start(**fields: Any) -> pb.StartRequest:
     request = start_request(str(fields.pop("task_name", "test.echo")))
     for name, field_value in fields.items():
-        if name in ("countdown", "time_limit", "soft_time_limit"):
+        if name in ("countdown", "time_limit", "soft_time_limit", "start_time"):
             getattr(request.options, name).FromSeconds(field_value)
         elif name == "kwargs":
             request.kwargs.update(field_value)
@@ -279,7 +279,9 @@ def _start(**fields: Any) -> pb.StartRequest:
     [
         (("start", {"task_name": ""}), "task_name"),
         (("start", {"exclusivity_key": "no spaces"}), "exclusivity_key"),
-        (("start", {"countdown": 4000}), "options.countdown"),
+        (("start", {"countdown": 10**6}), "options.countdown"),
+        (("start", {"countdown": 5, "start_time": 5}), "options.start_time"),
+        (("start", {"replace_mode": 9}), "replace_mode"),
         (("start", {"time_limit": 5, "soft_time_limit": 9}), "options.soft_time_limit"),
         (("start", {"conflict_policy": 7}), "conflict_policy"),
         (("start", {"task_name": "test.sleep", "kwargs": {"seconds": 1, "x": 2}}), "kwargs.x"),

@@ -1,12 +1,15 @@
 """Flower (or `celery events`) on the same Redis sees taskservice's tasks: the
-worker sends Celery's task events itself, without being asked remotely."""
+worker sends Celery's task events itself, without being asked remotely, unless
+TASKSERVICE_TASK_EVENTS turns them off."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +17,11 @@ from celery import Celery
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import stop_process_group
 from taskservice.core.settings import Settings
 from taskservice.server.server import Server
-from tests.support.client import finished, start
+from tests.conftest import start_worker
+from tests.support.client import finished, start, start_request
 
 PING = "taskservice-test-ping"
 
@@ -53,6 +58,18 @@ class EventLog:
                 dispatcher.send(PING)
                 time.sleep(0.1)
 
+    def caught_up(self, timeout: float = 20) -> None:
+        """Return once every event published before this call was captured
+        (one channel, in order: a ping sent now arrives after them)."""
+        mark = f"{PING}-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + timeout
+        with self.app.events.default_dispatcher() as dispatcher:
+            dispatcher.send(mark)
+        while not any(event["type"] == mark for event in self.events):
+            assert self._failure is None, self._failure
+            assert time.monotonic() < deadline, "the receiver fell behind"
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self._receiver is not None:
             self._receiver.should_stop = True
@@ -86,3 +103,28 @@ async def test_the_worker_sends_task_events_for_a_task_started_over_grpc(
     # sends them by its configuration. (With JSON logs, `taskservice worker`
     # prints no banner to say "task events: ON".)
     assert event_log.of_task(task.id) == wanted
+
+
+async def test_a_worker_with_task_events_off_sends_none(
+    stub: pb_grpc.TaskServiceStub, event_log: EventLog, tmp_path: Path
+) -> None:
+    queue = f"q-quiet-{uuid.uuid4().hex[:8]}"
+    worker = start_worker(
+        tmp_path / "worker.log",
+        concurrency=1,
+        queues=queue,
+        env={"TASKSERVICE_TASK_EVENTS": "false"},
+    )
+    try:
+        ids = []
+        for _ in range(2):
+            request = start_request("test.echo", "unseen")
+            request.options.queue = queue
+            ids.append((await stub.Start(request)).task.id)
+        # One process: the second ran after the first's events would have gone.
+        for task_id in ids:
+            assert (await finished(stub, task_id)).state == pb.TASK_STATE_SUCCEEDED
+        await asyncio.to_thread(event_log.caught_up)
+        assert [event_log.of_task(task_id) for task_id in ids] == [[], []]
+    finally:
+        stop_process_group(worker)

@@ -7,15 +7,21 @@ that never answers or answers slowly. Leases are short in tests (conftest).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import redis
 
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
@@ -28,6 +34,7 @@ from tests.support.client import (
     running,
     start,
     start_request,
+    wait_until,
     watch_all,
 )
 from tests.support.proxies import BlackholeProxy, SlowProxy
@@ -260,18 +267,19 @@ async def test_a_broker_that_never_answers_fails_starts_in_time_and_bounds_the_b
 
 
 async def test_tasks_a_killed_worker_held_unstarted_end_lost_and_every_watcher_is_told(
-    stub: pb_grpc.TaskServiceStub, settings: Settings, tmp_path: Path
+    stub: pb_grpc.TaskServiceStub, settings: Settings, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     queue = f"doomed-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "worker.log"
     worker = await asyncio.to_thread(start_worker, log, concurrency=1, queues=queue)
     try:
-        # One process: it holds a task for its countdown, runs one and has
-        # prefetched the next.
-        later = on_queue(start_request("test.sleep", 60), queue)
-        later.options.countdown.seconds = 30
+        # One process: it holds a task for its retry's countdown, runs one
+        # and has prefetched the next.
+        later = on_queue(start_request("test.retry_later", str(tmp_path / "m"), 30), queue)
         scheduled = (await stub.Start(later)).task
-        await log_shows(log, scheduled.id, worker, timeout=10)  # "Task ... received"
+        await wait_until(
+            stub, scheduled.id, lambda t: t.state == pb.TASK_STATE_QUEUED and t.sequence > 2
+        )
         busy = (await stub.Start(on_queue(start_request("test.sleep", 60), queue))).task
         await _until_running(stub, busy.id)
         prefetched = (await stub.Start(on_queue(start_request("test.sleep", 60), queue))).task
@@ -280,7 +288,19 @@ async def test_tasks_a_killed_worker_held_unstarted_end_lost_and_every_watcher_i
         watchers = [
             asyncio.create_task(watch_all(stub, t.id, timeout=30)) for t in tasks for _ in range(3)
         ]
-        await asyncio.sleep(settings.heartbeat_interval * 2)  # leased by now
+        # Leased, every one: a task its worker never leased would not lapse
+        # (the sweep would put its message back instead, test below).
+        leases = redis.Redis(port=redis_server.port)
+        try:
+            for _ in range(200):
+                held = [leases.zscore(f"{settings.key_prefix}:leases", t.id) for t in tasks]
+                if None not in held:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the worker did not lease them all within 10 s: {held}")
+        finally:
+            leases.close()
         os.killpg(worker.pid, signal.SIGKILL)
         streams = await asyncio.gather(*watchers)
     finally:
@@ -290,7 +310,117 @@ async def test_tasks_a_killed_worker_held_unstarted_end_lost_and_every_watcher_i
     assert all(s[0].sequence <= s[-1].sequence for s in streams)
     assert "before starting it" in ends[prefetched.id].error.message
     assert "before starting it" in ends[scheduled.id].error.message
-    assert not ends[scheduled.id].HasField("start_time")
+
+
+SHORT = {"lease": 1.0, "heartbeat_interval": 0.25, "sweep_interval": 0.1}
+"""A server's settings for the tests that wait out a lease: shorter still."""
+SHORT_ENV = {"TASKSERVICE_LEASE": "1", "TASKSERVICE_HEARTBEAT_INTERVAL": "0.25"}
+"""The same for their workers."""
+
+
+async def test_a_task_received_just_before_its_worker_is_killed_runs_elsewhere_and_frees_its_key(
+    settings: Settings, redis_server: EmbeddedRedis, key: str, tmp_path: Path
+) -> None:
+    queue = f"doomed-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    name = f"next-{uuid.uuid4().hex[:6]}"
+    # The next worker starts beside the doomed one, on a queue of its own; it
+    # takes the doomed one's queue over once that one is dead.
+    async with workers(
+        dict(log=log, concurrency=1, queues=queue, env=SHORT_ENV),
+        dict(log=tmp_path / "next.log", concurrency=1, queues=f"parked-{name}", env=SHORT_ENV,
+             name=name),
+    ) as (doomed, _), serving(settings.model_copy(update=SHORT)) as stub:  # fmt: skip
+        busy = (await stub.Start(on_queue(start_request("test.sleep", 60), queue))).task
+        await _until_running(stub, busy.id)
+        request = on_queue(start_request("test.echo", "ran", key=key), queue)
+        prefetched = (await stub.Start(request)).task
+        # Killed before the heartbeat's first renewal of it (RECEIVE_DELAY later).
+        await log_shows(log, f"{prefetched.id}] received", doomed, timeout=10)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        leases = redis.Redis(port=redis_server.port)
+        assert leases.zscore(f"{settings.key_prefix}:leases", prefetched.id) is None, (
+            "the worker leased the task before it was killed: the kill came too late"
+        )
+        # No lease to lapse: its message waits in kombu's unacked hash until
+        # a sweep finds it older than the lease and puts it back in its queue.
+        await consume(settings, name, queue)
+        done = await finished(stub, prefetched.id, timeout=10)
+        assert done.state == pb.TASK_STATE_SUCCEEDED
+        assert done.worker == f"{name}@{socket.gethostname()}"
+        assert done.result.string_value == "ran"
+        await free_within(stub, key, 0)  # its end freed the key
+        lost = await finished(stub, busy.id)
+        assert lost.state == pb.TASK_STATE_LOST
+
+
+async def test_messages_a_live_worker_holds_past_the_lease_stay_with_it(
+    settings: Settings, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    from taskservice.server.publisher import create_publisher
+    from taskservice.worker.app import app
+
+    queue = f"again-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "worker.log"
+    short = settings.model_copy(update=SHORT)
+    client = redis.Redis(port=redis_server.port, decode_responses=True)
+    async with workers(dict(log=log, concurrency=1, queues=queue, env=SHORT_ENV)) as (worker,):
+        async with serving(short) as stub:
+            busy = (await stub.Start(on_queue(start_request("test.sleep", 60), queue))).task
+            await _until_running(stub, busy.id)
+            # A plain send_task (no record, no lease), held for its countdown
+            # (Celery then takes one more message than its prefetch count)...
+            plain = str(uuid.uuid4())
+            create_publisher(settings, app).send_task(
+                "test.echo", args=["plain"], task_id=plain, queue=queue, countdown=60
+            )
+            await log_shows(log, f"{plain}] received", worker, timeout=10)
+            # ...and a task prefetched behind the busy one, leased by the heartbeat.
+            held = (await stub.Start(on_queue(start_request("test.echo", "held"), queue))).task
+            await log_shows(log, f"{held.id}] received", worker, timeout=10)
+            # Older than the lease, and swept many times over.
+            await asyncio.sleep(short.lease + 8 * short.sweep_interval)
+            messages = client.hvals("unacked")
+            unacked = {json.loads(message)[0]["headers"]["id"] for message in messages}
+            assert {held.id, plain} <= unacked
+            assert client.llen(queue) == 0  # neither was put back in the queue
+            status = (await stub.GetStatus(pb.GetStatusRequest(task_id=held.id))).task
+            assert status.state == pb.TASK_STATE_QUEUED
+            await stub.Cancel(pb.CancelRequest(task_id=busy.id))
+            done = await finished(stub, held.id)
+    client.close()
+    assert done.state == pb.TASK_STATE_SUCCEEDED
+    assert done.sequence == status.sequence + 2  # started and ended, once
+
+
+@contextlib.asynccontextmanager
+async def workers(*options: dict[str, Any]) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    """Workers started side by side (start_worker's arguments each), stopped on exit."""
+    started = await asyncio.gather(
+        *(asyncio.to_thread(start_worker, **each) for each in options), return_exceptions=True
+    )
+    processes = [p for p in started if isinstance(p, subprocess.Popen)]
+    try:
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        yield processes
+    finally:
+        for process in processes:
+            stop_process_group(process)
+
+
+async def consume(settings: Settings, name: str, queue: str) -> None:
+    """Have worker `name` consume `queue` too (Celery's add_consumer)."""
+    from taskservice.server.publisher import create_publisher
+    from taskservice.worker.app import app
+
+    control = create_publisher(settings, app).control
+    destination = [f"{name}@{socket.gethostname()}"]
+    replies = await asyncio.to_thread(
+        control.add_consumer, queue, destination=destination, reply=True, timeout=5
+    )
+    assert replies and all("ok" in reply[destination[0]] for reply in replies), replies
 
 
 async def _until_running(stub: pb_grpc.TaskServiceStub, task_id: str) -> None:

@@ -212,6 +212,41 @@ async def test_server_counts_calls_by_method_and_code_and_each_end_once(
     assert "process_cpu_seconds_total" in names(after)
 
 
+def test_a_fresh_worker_lists_its_metrics_before_any_task(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    port = free_port()
+    worker = start_worker(
+        tmp_path / "worker.log",
+        concurrency=1,
+        queues=f"q-fresh-{uuid.uuid4().hex[:8]}",  # no task reaches it
+        env={"TASKSERVICE_KEY_PREFIX": PREFIX, "TASKSERVICE_WORKER_METRICS_PORT": str(port)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as got:
+                    text = got.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+    finally:
+        stop_process_group(worker)
+    # A dashboard or an alert on them finds them from the start.
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    for name, kind in (
+        ("taskservice_tasks_ended", "counter"),
+        ("taskservice_task_duration_seconds", "histogram"),
+        ("taskservice_tasks_refused", "counter"),
+    ):
+        assert families[name].type == kind, text
+        assert families[name].documentation, text
+        assert not families[name].samples, text
+    assert text.count("# TYPE taskservice_tasks_ended_total counter") == 1, text
+
+
 async def test_worker_metrics_sum_its_pool_processes(
     stack: Stack, stub: pb_grpc.TaskServiceStub
 ) -> None:

@@ -190,8 +190,10 @@ async def test_rolling_restarts_of_three_replicas_lose_nothing_and_cancel_nothin
         # Besides the round-robin client (which checks health, so it stops
         # calling a draining server), one pinned to each replica: it calls a
         # draining server until the port closes, and again once it is back.
-        pinned += [AsyncClient(f"127.0.0.1:{port}", timeout=10) for port in ports]
-        async with AsyncClient(addresses, timeout=10) as client:
+        # retry=None: the load retries by itself (as a client of another
+        # language would), so that it sees every answer the servers give.
+        pinned += [AsyncClient(f"127.0.0.1:{port}", timeout=10, retry=None) for port in ports]
+        async with AsyncClient(addresses, timeout=10, retry=None) as client:
             load = Load(client)
             workers = [asyncio.create_task(load.starter()) for _ in range(6)]
             workers += [asyncio.create_task(load.poller()) for _ in range(2)]

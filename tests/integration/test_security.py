@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +17,11 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
+from taskservice import Client, Unavailable
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
 from taskservice._proto.taskservice.v1 import task_service_pb2_grpc as pb_grpc
+from taskservice.cli.embedded import free_port
+from taskservice.client import channel_credentials
 from taskservice.core.settings import Settings
 from taskservice.server import auth
 from taskservice.server.server import Server, create_server
@@ -150,6 +155,78 @@ async def test_tls_serves_only_tls_clients(
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await running.stop(0)
+
+
+async def cli(port: int, *args: str) -> tuple[int, str, str]:
+    """`taskservice ARGS` against the server on `port`, as a subprocess."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskservice",
+        *args,
+        "--address",
+        f"127.0.0.1:{port}",
+        "--timeout",
+        "10",
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_tls_mismatch_says_what_to_try(
+    settings: Settings, pki: dict[str, Path], server: Server
+) -> None:
+    running = await serve(settings, tls_cert_file=str(pki["cert"]), tls_key_file=str(pki["key"]))
+    try:
+        # Without --tls, the TLS server hangs up: gRPC says only "Socket closed".
+        code, _, err = await cli(running.port, "tasks")
+        assert code == 1
+        assert "Socket closed" in err
+        assert "hint: the server closed the connection: if it speaks TLS" in err
+        assert "--tls" in err
+        code, _, err = await cli(running.port, "tasks", "--json")
+        assert code == 1 and "if it speaks TLS" in json.loads(err)["hint"]
+        code, out, err = await cli(running.port, "tasks", "--tls", "--ca-file", str(pki["ca"]))
+        assert code == 0 and "test.echo" in out, err
+        # The Python client says the same.
+        with (
+            Client(f"127.0.0.1:{running.port}", timeout=10) as client,
+            pytest.raises(Unavailable) as caught,
+        ):
+            await asyncio.to_thread(client.task_types)
+        assert "if it speaks TLS" in caught.value.hint
+        assert "if it speaks TLS" in str(caught.value)
+    finally:
+        await running.stop(0)
+    # TLS to a plaintext server: its answer is no TLS record.
+    code, _, err = await cli(server.port, "tasks", "--tls", "--ca-file", str(pki["ca"]))
+    assert code == 1 and "if it does not speak TLS" in err
+    # No hint where a mismatch is not the likely cause: nothing listens (and
+    # no retries, which would only wait for a server that is not coming).
+    code, _, err = await cli(free_port(), "tasks", "--no-retry")
+    assert code == 1 and "UNAVAILABLE" in err and "hint" not in err
+    with (
+        Client(f"127.0.0.1:{free_port()}", timeout=10, retry=None) as client,
+        pytest.raises(Unavailable) as caught,
+    ):
+        await asyncio.to_thread(client.task_types)
+    assert caught.value.hint == ""
+    with (
+        Client(
+            f"127.0.0.1:{free_port()}",
+            credentials=channel_credentials(str(pki["ca"])),
+            timeout=10,
+            retry=None,
+        ) as client,
+        pytest.raises(Unavailable) as caught,
+    ):
+        await asyncio.to_thread(client.task_types)
+    assert caught.value.hint == ""
 
 
 async def test_mutual_tls_needs_a_client_certificate_the_ca_signed(

@@ -44,6 +44,17 @@ class _Proxy:
         for writer in self._writers:
             writer.close()
 
+    def cut(self) -> int:
+        """Reset every connection open now, both sides (a network that drops
+        them); later ones go through. How many connections it cut."""
+        cut = 0
+        for writer in self._writers:
+            if not writer.transport.is_closing():
+                writer.transport.abort()
+                cut += 1
+        self._writers = []
+        return cut
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         await self._handle(reader, writer)
@@ -117,11 +128,9 @@ class StallingProxy(_Proxy):
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
 
-class HoldingProxy(_Proxy):
-    """Forwards to a server; between `hold()` and `release()` it forwards
-    nothing, on connections old and new, and then delivers everything held
-    back, in order (a link that stalls and recovers: TCP delivers late what
-    was sent meanwhile, even by a client that has given up and closed)."""
+class _GatedProxy(_Proxy):
+    """Forwards to a server, held back between `hold()` and `release()` in a
+    way each subclass's `_handle` says (waiting on `_flowing`)."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__()
@@ -139,6 +148,13 @@ class HoldingProxy(_Proxy):
         self.release()  # nothing stays held back for ever
         await super().__aexit__(*exc)
 
+
+class HoldingProxy(_GatedProxy):
+    """Forwards to a server; between `hold()` and `release()` it forwards
+    nothing, on connections old and new, and then delivers everything held
+    back, in order (a link that stalls and recovers: TCP delivers late what
+    was sent meanwhile, even by a client that has given up and closed)."""
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers.append(up_writer)
@@ -153,6 +169,30 @@ class HoldingProxy(_Proxy):
                 pass
             finally:
                 await self._flowing.wait()
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+class LateConnectionsProxy(_GatedProxy):
+    """Forwards to a server; a connection opened between `hold()` and
+    `release()` gets nothing through until `release()`, while connections
+    opened before keep flowing (a client whose established connections work
+    but whose pool cannot open a new one: a connection limit, a SYN flood)."""
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()  # what the client sends meanwhile waits in the socket
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.append(up_writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
                 dst.close()
 
         await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ def retry_once(self: TrackedTask, marker: str) -> str:
     if not Path(marker).exists():
         Path(marker).write_text("tried")
         raise self.retry(countdown=0.2, max_retries=1)
+    return "second try"
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.retry_later")
+def retry_later(self: TrackedTask, marker: str, countdown: float) -> str:
+    """Retry once, `countdown` seconds later: meanwhile its worker holds the
+    message unstarted (Celery's eta)."""
+    if not Path(marker).exists():
+        Path(marker).write_text("tried")
+        raise self.retry(countdown=countdown, max_retries=1)
     return "second try"
 
 
@@ -207,3 +219,67 @@ def _append(path: str, entry: dict[str, Any]) -> None:
         os.write(descriptor, (json.dumps(entry) + "\n").encode())
     finally:
         os.close(descriptor)
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.span")
+def span(self: TrackedTask, path: str, seconds: float = 0, value: Any = None) -> Any:
+    """Append `<id> start <time>` to `path`, sleep, append `<id> end <time>`:
+    the body's own account of when it ran (a killed body writes no end)."""
+    _span(str(self.request.id), path, seconds)
+    return value
+
+
+@expose(key_slots=2)
+@app.task(bind=True, base=TrackedTask, name="test.span_two")
+def span_two(self: TrackedTask, path: str, seconds: float = 0) -> None:
+    """`test.span`, two of which may run at once under one key."""
+    _span(str(self.request.id), path, seconds)
+
+
+def _span(task_id: str, path: str, seconds: float) -> None:
+    with open(path, "a") as log:
+        log.write(f"{task_id} start {time.time():.6f}\n")
+    time.sleep(seconds)
+    with open(path, "a") as log:
+        log.write(f"{task_id} end {time.time():.6f}\n")
+
+
+@expose(quiet_period=1.5, quiet_after_success=True)
+@app.task(bind=True, base=TrackedTask, name="test.quiet")
+def quiet(self: TrackedTask, fail: bool = False) -> str:
+    """Refuse Starts under its key for 1.5 s after it succeeded."""
+    if fail:
+        raise ValueError("asked to fail")
+    return "done"
+
+
+TRACING_MODULES = (
+    "opentelemetry.sdk.trace",
+    "opentelemetry.propagate",
+    "opentelemetry.instrumentation",
+)
+"""OpenTelemetry's modules that only tracing loads. (Not OpenTelemetry as a
+whole: redis-py 8 imports its API and metrics SDK whenever it is installed.)"""
+
+
+def tracing_loaded() -> list[str]:
+    """The modules of TRACING_MODULES this process has loaded."""
+    return sorted(name for name in sys.modules if name.startswith(TRACING_MODULES))
+
+
+def trace_view_of(task: TrackedTask) -> dict[str, Any]:
+    """What `task`'s run sees of tracing: the trace context its message
+    carried, and whether its process loaded OpenTelemetry's tracing."""
+    return {
+        # Celery makes each message header an attribute of the request.
+        "traceparent": getattr(task.request, "traceparent", None),
+        "tracing_loaded": bool(tracing_loaded()),
+    }
+
+
+@expose()
+@app.task(bind=True, base=TrackedTask, name="test.trace_view")
+def trace_view(self: TrackedTask) -> dict[str, Any]:
+    """What its run sees of tracing (see trace_view_of)."""
+    return trace_view_of(self)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import grpc
-import grpc_testing
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from taskservice import (
+    CancelMode,
     Client,
     ConflictPolicy,
     InvalidArgument,
+    KeyLineFull,
+    KeyQuiet,
     NotFound,
     TaskAlreadyRunning,
     TaskNotFound,
@@ -24,31 +27,16 @@ from taskservice import (
     TaskState,
 )
 from taskservice._proto.taskservice.v1 import task_service_pb2 as pb
-from taskservice.client import Task, channel_target
+from taskservice.client import CancelledTasks, Task, TaskType, channel_target
 from taskservice.client.models import to_value
+from tests.support.testing_channel import method
 
-SERVICE = pb.DESCRIPTOR.services_by_name["TaskService"]
 TASK_ID = "2b1f4bf4-0c39-4e8c-9d59-7d4d4e0c7d11"
-
-
-@pytest.fixture
-def channel() -> Any:
-    return grpc_testing.channel([SERVICE], grpc_testing.strict_real_time())
 
 
 @pytest.fixture
 def client(channel: Any) -> Iterator[Client]:
     yield Client(channel=channel, token="s3cret", timeout=5)
-
-
-@pytest.fixture
-def call() -> Iterator[Callable[..., Future[Any]]]:
-    with ThreadPoolExecutor(1) as pool:
-        yield lambda function, *args, **kwargs: pool.submit(function, *args, **kwargs)
-
-
-def method(name: str) -> Any:
-    return SERVICE.methods_by_name[name]
 
 
 def details(*messages: Any) -> tuple[tuple[str, bytes], ...]:
@@ -151,6 +139,63 @@ def test_list_tasks_follows_page_tokens_with_the_same_filter(
     assert future.result(5) == ["a", "b"]
 
 
+def test_cancel_tasks_sends_the_filters_and_mode_and_decodes_what_it_did(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    future = call(
+        client.cancel_tasks,
+        states=["queued", TaskState.RUNNING],
+        task_name="demo.dummy",
+        key="k1",
+        mode="terminate",
+        page_size=10,
+        page_token="t0",
+    )
+    metadata, request, rpc = channel.take_unary_unary(method("CancelTasks"))
+    assert ("authorization", "Bearer s3cret") in metadata
+    assert list(request.states) == [pb.TASK_STATE_QUEUED, pb.TASK_STATE_RUNNING]
+    assert (request.task_name, request.exclusivity_key) == ("demo.dummy", "k1")
+    assert request.mode == pb.CANCEL_MODE_TERMINATE
+    assert (request.page_size, request.page_token) == (10, "t0")
+    response = pb.CancelTasksResponse(
+        ended_count=1, requested_count=1, task_ids=["a", "b"], next_page_token="t1"
+    )
+    rpc.terminate(response, (), grpc.StatusCode.OK, "")
+    done = future.result(5)
+    assert done == CancelledTasks(ended=1, requested=1, task_ids=["a", "b"], next_page_token="t1")
+    assert not done.done
+    with pytest.raises(ValueError, match="cancel mode 'softly'"):
+        client.cancel_tasks(mode="softly")
+
+
+def test_cancel_all_follows_the_tokens_until_done_or_its_limit(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    def answer(expected: tuple[int, str], response: pb.CancelTasksResponse) -> None:
+        _, request, rpc = channel.take_unary_unary(method("CancelTasks"))
+        assert (request.page_size, request.page_token) == expected
+        assert request.exclusivity_key == "k1" and request.mode == pb.CANCEL_MODE_KILL
+        rpc.terminate(response, (), grpc.StatusCode.OK, "")
+
+    # With a limit: pages no larger than what is left of it, and a token to go on.
+    future = call(client.cancel_all, key="k1", limit=3)
+    answer(
+        (3, ""), pb.CancelTasksResponse(ended_count=2, task_ids=["a", "b"], next_page_token="t1")
+    )
+    answer(
+        (1, "t1"), pb.CancelTasksResponse(requested_count=1, task_ids=["c"], next_page_token="t2")
+    )
+    assert future.result(5) == CancelledTasks(2, 1, ["a", "b", "c"], "t2")
+    # Without: on to the last page (a page may count none while more may match).
+    future = call(client.cancel_all, key="k1", page_token="t2")
+    answer((0, "t2"), pb.CancelTasksResponse(next_page_token="t3"))
+    answer((0, "t3"), pb.CancelTasksResponse(ended_count=1, task_ids=["d"]))
+    done = future.result(5)
+    assert done == CancelledTasks(1, 0, ["d"], "") and done.done
+    with pytest.raises(ValueError, match="limit must be positive"):
+        client.cancel_all(limit=0)
+
+
 def test_not_found_and_client_side_refusals(
     client: Client, channel: Any, call: Callable[..., Future[Any]]
 ) -> None:
@@ -208,6 +253,158 @@ def test_policy_and_states_are_enums_end_to_end(
     assert unknown.state is TaskState.UNSPECIFIED
     with pytest.raises(ValueError, match="conflict_policy 'sometimes' is none of REJECT"):
         client.start("demo.dummy", conflict_policy="sometimes")
+
+
+# -- Issue 15: waiting policies, replace mode, delayed starts, key behaviour -----
+
+
+@pytest.mark.parametrize(
+    ("policy", "number"),
+    [
+        (ConflictPolicy.REPLACE, pb.CONFLICT_POLICY_REPLACE),
+        ("queue-latest", pb.CONFLICT_POLICY_QUEUE_LATEST),
+        ("QUEUE", pb.CONFLICT_POLICY_QUEUE),
+        ("return_existing", pb.CONFLICT_POLICY_RETURN_EXISTING),
+    ],
+)
+def test_every_conflict_policy_reaches_the_request(
+    client: Client, channel: Any, call: Callable[..., Future[Any]], policy: str, number: int
+) -> None:
+    future = call(client.start, "demo.dummy", key="k1", conflict_policy=policy)
+    _, request, rpc = channel.take_unary_unary(method("Start"))
+    assert request.conflict_policy == number
+    assert request.replace_mode == pb.CANCEL_MODE_UNSPECIFIED  # the task type's
+    rpc.terminate(pb.StartResponse(task=pb.Task(id=TASK_ID)), (), grpc.StatusCode.OK, "")
+    future.result(5)
+
+
+def test_replace_mode_and_a_countdown_of_days_are_sent_as_given(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    future = call(
+        client.start,
+        "demo.dummy",
+        key="k1",
+        conflict_policy=ConflictPolicy.REPLACE,
+        replace_mode="graceful",
+        countdown=3 * 86400 + 0.5,  # no client-side cap: the server keeps it
+    )
+    _, request, rpc = channel.take_unary_unary(method("Start"))
+    assert request.conflict_policy == pb.CONFLICT_POLICY_REPLACE
+    assert request.replace_mode == pb.CANCEL_MODE_GRACEFUL
+    assert request.options.countdown.ToNanoseconds() == 259_200_500_000_000
+    assert not request.options.HasField("start_time")
+    rpc.terminate(pb.StartResponse(task=pb.Task(id=TASK_ID)), (), grpc.StatusCode.OK, "")
+    future.result(5)
+    with pytest.raises(ValueError, match="replace_mode 'softly' is none of GRACEFUL"):
+        client.start("demo.dummy", conflict_policy="replace", replace_mode="softly")
+
+
+def test_start_at_is_sent_as_start_time_in_utc(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    plus_two = datetime.timezone(datetime.timedelta(hours=2))
+    at = datetime.datetime(2031, 7, 1, 9, 30, 15, 250_000, tzinfo=plus_two)
+    future = call(client.start, "demo.dummy", start_at=at, replace_mode=CancelMode.KILL)
+    _, request, rpc = channel.take_unary_unary(method("Start"))
+    assert request.options.start_time.ToJsonString() == "2031-07-01T07:30:15.250Z"
+    assert not request.options.HasField("countdown")
+    assert request.replace_mode == pb.CANCEL_MODE_KILL
+    answer = pb.Task(id=TASK_ID, state=pb.TASK_STATE_QUEUED)
+    answer.scheduled_time.FromDatetime(at)
+    rpc.terminate(pb.StartResponse(task=answer), (), grpc.StatusCode.OK, "")
+    task = future.result(5)
+    assert task.scheduled_time == at and task.scheduled_time.tzinfo is not None
+    assert not task.waiting and task.waiting_for == ""
+
+
+def test_countdown_with_start_at_or_a_naive_start_at_is_refused_before_any_call(
+    client: Client,
+) -> None:
+    # Refused at once: a call would block on this channel until its deadline.
+    aware = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+    with pytest.raises(ValueError, match="give countdown or start_at, not both"):
+        client.start("demo.dummy", countdown=60, start_at=aware)
+    with pytest.raises(ValueError, match="has no time zone: give an aware datetime"):
+        client.start("demo.dummy", start_at=datetime.datetime(2031, 7, 1, 9, 30))
+    with pytest.raises(TypeError, match="start_at must be a datetime, not str"):
+        client.start("demo.dummy", start_at="2031-07-01T09:30:00Z")  # type: ignore[arg-type]
+
+
+def test_a_waiting_task_names_the_task_it_waits_for(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    future = call(client.start, "demo.dummy", key="k1", conflict_policy="queue")
+    _, _, rpc = channel.take_unary_unary(method("Start"))
+    holder = "9c0d7a7e-5a43-4f0b-a3a8-1d8f6a1b2c3d"
+    answer = pb.Task(id=TASK_ID, state=pb.TASK_STATE_QUEUED, waiting_for=holder)
+    rpc.terminate(pb.StartResponse(task=answer), (), grpc.StatusCode.OK, "")
+    task = future.result(5)
+    assert (task.state, task.waiting_for, task.waiting) == ("QUEUED", holder, True)
+    assert not task.already_existed and task.fencing_token == 0
+
+
+def test_task_types_carry_key_slots_line_limit_quiet_period_and_replace_mode(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    future = call(client.task_types)
+    _, _, rpc = channel.take_unary_unary(method("ListTaskTypes"))
+    response = pb.ListTaskTypesResponse()
+    shaped = response.task_types.add(
+        name="reports.build",
+        default_exclusivity_key="reports",
+        key_slots=3,
+        key_line_limit=10,
+        quiet_after_success=True,
+        replace_mode=pb.CANCEL_MODE_GRACEFUL,
+    )
+    shaped.quiet_period.FromNanoseconds(90_500_000_000)
+    response.task_types.add(name="demo.dummy")
+    rpc.terminate(response, (), grpc.StatusCode.OK, "")
+    shaped_type, plain = future.result(5)
+    assert shaped_type == TaskType(
+        name="reports.build",
+        description="",
+        default_exclusivity_key="reports",
+        parameters=[],
+        key_slots=3,
+        key_line_limit=10,
+        quiet_period=90.5,
+        quiet_after_success=True,
+        replace_mode=CancelMode.GRACEFUL,
+    )
+    # Unset: the server's defaults, told apart from a quiet period of 0s.
+    assert (plain.key_slots, plain.key_line_limit, plain.quiet_period) == (0, 0, None)
+    assert (plain.quiet_after_success, plain.replace_mode) == (False, None)
+
+
+def test_key_quiet_and_key_line_full_carry_their_metadata(
+    client: Client, channel: Any, call: Callable[..., Future[Any]]
+) -> None:
+    future = call(client.start, "demo.dummy", key="k1", conflict_policy="queue")
+    _, _, rpc = channel.take_unary_unary(method("Start"))
+    quiet = error_details_pb2.ErrorInfo(
+        reason="KEY_QUIET",
+        domain="taskservice.dev",
+        metadata={"task_id": TASK_ID, "free_time": "2031-07-01T07:30:15Z"},
+    )
+    rpc.terminate(None, details(quiet), grpc.StatusCode.ALREADY_EXISTS, "key k1 is quiet")
+    with pytest.raises(KeyQuiet) as raised_quiet:
+        future.result(5)
+    assert raised_quiet.value.task_id == TASK_ID
+    assert raised_quiet.value.metadata["free_time"] == "2031-07-01T07:30:15Z"
+    future = call(client.start, "demo.dummy", key="k1", conflict_policy="queue")
+    _, _, rpc = channel.take_unary_unary(method("Start"))
+    full = error_details_pb2.ErrorInfo(
+        reason="KEY_LINE_FULL",
+        domain="taskservice.dev",
+        metadata={"exclusivity_key": "k1", "limit": "10"},
+    )
+    rpc.terminate(None, details(full), grpc.StatusCode.RESOURCE_EXHAUSTED, "line full")
+    with pytest.raises(KeyLineFull) as raised_full:
+        future.result(5)
+    assert raised_full.value.metadata == {"exclusivity_key": "k1", "limit": "10"}
+    assert raised_full.value.code == "RESOURCE_EXHAUSTED"
 
 
 # -- Several servers: the gRPC target a client builds ---------------------------

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from taskservice.core.states import ConflictPolicy
+from taskservice.core.states import CancelMode, ConflictPolicy
 from taskservice.server.starts import StartCommand
 
 LEFT_OUT = {"args_size", "time_remaining", "request_id"}
@@ -30,8 +30,12 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "kwargs": st.dictionaries(st.text(max_size=8), json_values, max_size=3),
     "args_size": st.integers(min_value=0, max_value=10**6),
     "exclusivity_key": st.text(max_size=12),
-    "conflict_policy": st.sampled_from([ConflictPolicy.REJECT, ConflictPolicy.RETURN_EXISTING]),
+    "conflict_policy": st.sampled_from(
+        [p for p in ConflictPolicy if p is not ConflictPolicy.UNSPECIFIED]
+    ),
     "countdown": seconds,
+    "start_time": seconds,
+    "replace_mode": st.sampled_from(list(CancelMode)),
     "queue": st.text(max_size=12),
     "time_limit": seconds,
     "soft_time_limit": seconds,

@@ -1,4 +1,5 @@
-"""The README's settings table says what the Settings class does."""
+"""The README's settings table says what the Settings class does; its CLI section
+names the variables the client commands read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from taskservice.core.settings import ENV_PREFIX, Settings
+from taskservice.core.settings import CLIENT_VARIABLES, ENV_PREFIX, Settings
 from tests.conftest import ROOT
 
 
@@ -51,3 +52,10 @@ def test_the_settings_table_lists_every_setting_with_its_variable_and_default() 
                 assert cell == shown or cell.startswith(shown + " ("), (
                     f"{variable}: README says {cell}, the default is {shown}"
                 )
+
+
+def test_the_cli_section_names_every_variable_the_client_commands_read() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## From the command line and from Python\n", 1)[1].split("\n## ", 1)[0]
+    for variable in sorted(CLIENT_VARIABLES):
+        assert f"`{variable}`" in section, f"README's CLI section does not name {variable}"

@@ -142,6 +142,20 @@ async def test_without_sentinels_readonly_is_answered_not_retried(
         link.close()
 
 
+async def test_a_long_first_command_without_the_password_is_an_authentication_error() -> None:
+    # Redis 7 answers a command of more than 10 parts from a client that has
+    # not authenticated with a protocol error, not NOAUTH: the claim is one.
+    own = EmbeddedRedis(args=("--requirepass", "secret")).start()
+    link = RedisLink(own.url, timeout=1)
+    try:
+        _, call = claim()
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await link.script(call)  # type: ignore[arg-type]
+    finally:
+        link.close()
+        own.stop()
+
+
 async def test_replicated_writes_of_a_burst_share_waits_and_report_the_replicas(
     pair: tuple[EmbeddedRedis, EmbeddedRedis],
 ) -> None:

@@ -127,18 +127,26 @@ class Worker:
             pass
 
 
+def publish_and_consume(connection: kombu.Connection) -> tuple[Any, list[Any]]:
+    """PAYLOAD published on QUEUE, and a consumer of QUEUE as Celery's task
+    consumer (on the connection's default channel; a message stays
+    unacknowledged until its task starts, a countdown task for long): the
+    consumer, and the list the bodies it receives go to."""
+    with connection.Producer() as producer:
+        producer.publish(PAYLOAD, routing_key=QUEUE, declare=[kombu.Queue(QUEUE)])
+    received: list[Any] = []
+    consumer = connection.Consumer(
+        kombu.Queue(QUEUE), callbacks=[lambda body, message: received.append(body)]
+    )
+    consumer.consume()
+    return consumer, received
+
+
 def lose_redis_holding_a_message(broker: Broker, transport: str) -> Worker:
     """Run the reconnect sequence of the docstring of taskservice.worker.
     redis_transport up to Celery's `connection.collect()`, Redis being down."""
     connection = connect(broker, transport)
-    queue = kombu.Queue(QUEUE)
-    with connection.Producer() as producer:
-        producer.publish(PAYLOAD, routing_key=QUEUE, declare=[queue])
-    received: list[Any] = []
-    # Celery's task consumer: on the connection's default channel; a message
-    # stays unacknowledged until its task starts (a countdown task for long).
-    consumer = connection.Consumer(queue, callbacks=[lambda body, message: received.append(body)])
-    consumer.consume()
+    consumer, received = publish_and_consume(connection)
     # Celery's control mailbox (celery.worker.pidbox): a channel of its own,
     # opened after the task consumer's, with an auto-delete fanout queue. Its
     # close fails while Redis is down, which stops `collect()` from closing
@@ -210,6 +218,45 @@ def test_a_message_held_through_a_redis_restart_goes_back_to_its_queue_on_reconn
             return
         assert count(broker) == (1, 0)
         received: list[Any] = []
+        queue = kombu.Queue(QUEUE)
+        with connection.Consumer(queue, callbacks=[lambda body, m: received.append(body)]):
+            connection.drain_events(timeout=5)
+        assert received == [PAYLOAD]
+    finally:
+        connection.release()
+
+
+@pytest.mark.parametrize("transport", [STOCK, OURS])
+def test_a_message_popped_as_redis_dies_goes_back_to_its_queue_on_reconnect(
+    broker: Broker, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu BRPOPs a message, then records it as unacknowledged in a second
+    write: Redis killed between the two (the pop already on disk) leaves the
+    message in no list and no hash, unless the transport puts it back."""
+    record_unacked = kombu_redis.QoS.append
+
+    def die_first(qos: Any, message: Any, delivery_tag: str) -> None:
+        broker.redis.crash()
+        record_unacked(qos, message, delivery_tag)
+
+    connection = connect(broker, transport)
+    _, received = publish_and_consume(connection)
+    monkeypatch.setattr(kombu_redis.QoS, "append", die_first)
+    with pytest.raises(connection.connection_errors):
+        connection.drain_events(timeout=5)
+    monkeypatch.undo()
+    assert received == []
+    with contextlib.suppress(Exception):
+        connection.collect()
+    broker.redis.start()
+
+    connection = connect(broker, transport)
+    try:
+        connection.connect()
+        if transport == STOCK:
+            assert count(broker) == (0, 0)  # gone: its task would wait for good
+            return
+        assert count(broker) == (1, 0)
         queue = kombu.Queue(QUEUE)
         with connection.Consumer(queue, callbacks=[lambda body, m: received.append(body)]):
             connection.drain_events(timeout=5)

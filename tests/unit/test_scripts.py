@@ -26,11 +26,14 @@ from taskservice.core.scripts import (
     Changed,
     Claimed,
     Confirmed,
+    Deferred,
     Finished,
     Held,
+    LineFull,
     Missing,
     Moved,
     Over,
+    Quiet,
     Rejected,
     RunningElsewhere,
     Scripts,
@@ -549,6 +552,44 @@ def test_sweep_ends_each_lapsed_task_once(store: Store) -> None:
     assert store.rec(alive).state == record.STARTED
 
 
+# -- the broker's unacknowledged messages: unacked, unvouched -----------------
+
+
+def test_unacked_reads_the_messages_taken_before_the_age_oldest_first_in_bounded_batches(
+    store: Store,
+) -> None:
+    index, messages = f"{store.prefix}:unacked_index", f"{store.prefix}:unacked"
+    now = float(store.client.time()[0])
+    # As kombu's Redis transport keeps them: tag -> when taken (s), tag -> message.
+    taken = {"old-1": now - 100, "old-2": now - 50, "old-3": now - 20, "new": now - 1}
+    store.client.zadd(index, taken)
+    store.client.hset(messages, mapping={tag: f'[{{"tag": "{tag}"}}, "", "q"]' for tag in taken})
+    store.client.hdel(messages, "old-2")  # acknowledged between kombu's two writes
+    call = store.scripts.unacked(index, messages, age_ms=10_000, skip=0, limit=2)
+    first = store.run(call)
+    assert first.seen == 2
+    assert first.messages == [("old-1", '[{"tag": "old-1"}, "", "q"]')]
+    rest = store.run(store.scripts.unacked(index, messages, age_ms=10_000, skip=2, limit=2))
+    assert (rest.seen, [tag for tag, _ in rest.messages]) == (1, ["old-3"])
+    # It only reads.
+    assert store.client.zcard(index) == 4 and store.client.hlen(messages) == 3
+
+
+def test_unvouched_names_only_queued_tasks_without_a_lease(store: Store) -> None:
+    unleased = store.new()  # confirmed in the broker, taken by no one alive
+    publishing = store.new(confirm=False)  # its provisional lease
+    held = store.new()
+    store.run(store.scripts.renew([], [held], worker="w", lease_ms=LONG))
+    lapsed = store.new()
+    store.run(store.scripts.renew([], [lapsed], worker="w", lease_ms=LAPSED))  # not swept yet
+    running = store.started()
+    ended = store.new()
+    finish(store, ended)
+    ids = [unleased, publishing, held, lapsed, running, ended, "not-taskservice"]
+    assert store.run(store.scripts.unvouched(ids)) == [unleased]
+    assert store.rec(lapsed).state == record.PENDING  # it only reads
+
+
 # -- list --------------------------------------------------------------------
 
 
@@ -629,3 +670,118 @@ def test_a_changed_transition_reports_the_record_it_wrote(store: Store) -> None:
     assert isinstance(changed, Changed)
     assert changed.record.id == task_id and changed.record.exclusivity_key == "k"
     assert changed.record.sequence == store.rec(task_id).sequence
+
+
+def _waiting(store: Store, key: str, policy: str, *, message: str = "") -> tuple[str, Any]:
+    """A Start under `policy` on `key`: its id and the claim's answer. With
+    `message`, its message is one the scripts push (on list `<prefix>:q`)."""
+    task_id = str(uuid.uuid4())
+    fields = record.new_record_fields(task_id, "t", exclusivity_key=key, queue="q", scheduled=None)
+    push = (f"{store.prefix}:q", message) if message else None
+    answer = store.run(
+        store.scripts.claim(
+            fields,
+            exclusivity_key=key,
+            provisional_ms=LONG,
+            push=push,
+            policy=policy,
+            line_limit=2,
+            delivery="" if message else '{"kept": true}',
+        )
+    )
+    return task_id, answer
+
+
+def test_a_lapsed_holder_hands_its_key_to_the_waiting_task_in_the_sweep_itself(
+    store: Store,
+) -> None:
+    holder = store.started("k", lease_ms=LONG)
+    waiter, answer = _waiting(store, "k", "QUEUE_LATEST", message="waiter's message")
+    assert isinstance(answer, Deferred) and answer.waiting_for == holder
+    assert store.client.llen(f"{store.prefix}:q") == 0, "sent while it waits"
+    store.client.zadd(record.leases_key(store.prefix), {holder: 0})  # its worker died
+    swept = store.run(store.scripts.sweep(10))
+    assert [e.task_id for e in swept.expired] == [holder]
+    assert store.client.lrange(f"{store.prefix}:q", 0, -1) == ["waiter's message"]
+    handed = store.rec(waiter)
+    assert handed.waiting_for == "" and handed.fencing_token > store.rec(holder).fencing_token
+    assert store.client.get(record.holder_key(store.prefix, "k")) == waiter
+
+
+def test_an_abandoned_start_hands_the_key_to_the_waiting_task(store: Store) -> None:
+    holder = store.new("k", confirm=False)  # its publish is under way
+    waiter, _ = _waiting(store, "k", "QUEUE", message="m")
+    assert isinstance(store.run(store.scripts.abandon(holder, "broker down")), Abandoned)
+    assert store.client.lrange(f"{store.prefix}:q", 0, -1) == ["m"]
+    assert store.rec(waiter).waiting_for == ""
+
+
+def test_superseded_and_cancelled_waiting_tasks_leave_the_line_and_never_send(
+    store: Store,
+) -> None:
+    holder = store.started("k")
+    first, _ = _waiting(store, "k", "QUEUE", message="first")
+    second, answer = _waiting(store, "k", "QUEUE_LATEST", message="second")
+    assert isinstance(answer, Deferred) and answer.superseded == (first,)
+    superseded = store.rec(first)
+    assert superseded.state == record.REVOKED and superseded.error is not None
+    assert superseded.error.type == "Superseded" and second in superseded.error.message
+    assert isinstance(store.run(store.scripts.cancel(second, "KILL", when=1.0)), CancelledQueued)
+    store.run(store.scripts.transition(holder, ["STARTED"], "SUCCESS", {"finished": "2"}))
+    assert store.client.llen(f"{store.prefix}:q") == 0
+    assert store.client.exists(record.holder_key(store.prefix, "k").replace(":key:", ":line:")) == 0
+
+
+def test_queue_refuses_past_its_line_limit(store: Store) -> None:
+    store.started("k")
+    for _ in range(2):
+        assert isinstance(_waiting(store, "k", "QUEUE")[1], Deferred)
+    assert _waiting(store, "k", "QUEUE")[1] == LineFull(2)
+
+
+def test_a_holder_claimed_before_slots_existed_still_holds_its_key(store: Store) -> None:
+    # Only the holder string names it, as a claim of an earlier version left it.
+    holder = store.started("k")
+    store.client.delete(record.holder_key(store.prefix, "k").replace(":key:", ":holders:"))
+    _, answer = _waiting(store, "k", "REJECT")
+    assert isinstance(answer, Held) and answer.holder.id == holder
+
+
+def test_a_due_task_is_handed_out_again_until_sent(store: Store) -> None:
+    task_id = str(uuid.uuid4())
+    fields = record.new_record_fields(task_id, "t", exclusivity_key="", queue="q", scheduled=None)
+    claim = store.scripts.claim(
+        fields, exclusivity_key="", provisional_ms=LONG, delivery='{"d": 1}', delay_ms=1
+    )
+    assert isinstance(store.run(claim), Deferred)
+    time.sleep(0.01)
+    assert store.run(store.scripts.due(10, retry_ms=LAPSED)).deliveries == [(task_id, '{"d": 1}')]
+    # Not sent (the server stopped): handed out again.
+    assert store.run(store.scripts.due(10, retry_ms=LONG)).deliveries == [(task_id, '{"d": 1}')]
+    assert store.run(store.scripts.due(10, retry_ms=LONG)).deliveries == []
+    store.run(store.scripts.sent(task_id))
+    assert store.client.zcard(record.due_key(store.prefix)) == 0
+
+
+def test_the_quiet_period_follows_only_a_task_that_ran(store: Store) -> None:
+    def quiet_claim() -> tuple[str, Any]:
+        task_id = str(uuid.uuid4())
+        fields = record.new_record_fields(
+            task_id, "t", exclusivity_key="k", queue="q", scheduled=None
+        )
+        fields["quiet"] = "60000"
+        return task_id, store.run(
+            store.scripts.claim(
+                fields, exclusivity_key="k", provisional_ms=LONG, push=(f"{store.prefix}:q", "m")
+            )
+        )
+
+    queued, _ = quiet_claim()
+    store.run(store.scripts.cancel(queued, "KILL", when=1.0))
+    ran, answer = quiet_claim()
+    assert isinstance(answer, Claimed), "a task cancelled while queued leaves no quiet period"
+    store.run(store.scripts.start(ran, worker="w", run="r", lease_ms=LONG, when=1.0))
+    store.run(store.scripts.transition(ran, ["STARTED"], "FAILURE", {"finished": "2"}))
+    _, refused = quiet_claim()
+    assert isinstance(refused, Quiet) and refused.last is not None and refused.last.id == ran
+    assert 59 < refused.free_in <= 60

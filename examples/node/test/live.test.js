@@ -73,6 +73,12 @@ test('ListTaskTypes lists the demos, defaults as plain JS values', TIMEOUT, asyn
     [['name', 'Bob', false], ['seconds', 5, false]],
   );
   assert.ok(types.some((type) => type.name === 'demo.fail'));
+  // No key settings of its own: the server's slots and line limit (0), no
+  // quiet period, and REPLACE terminates it.
+  assert.deepEqual(
+    [dummy.key_slots, dummy.key_line_limit, dummy.quiet_period, dummy.quiet_after_success, dummy.replace_mode],
+    [0, 0, null, false, 'CANCEL_MODE_TERMINATE'],
+  );
 });
 
 test('a started task is watched to SUCCEEDED, in order, its result a plain JS value', TIMEOUT, async () => {
@@ -236,6 +242,20 @@ test('ListTasks pages through the tasks of a key, newest first, filtered by stat
   assert.deepEqual(failed.tasks, []);
 });
 
+test('CancelTasks cancels the tasks of a key: a running one is asked to stop and ends CANCELLED', TIMEOUT, async () => {
+  const key = uniqueKey('many');
+  const { task } = await client.start({ task_name: 'demo.dummy', kwargs: { seconds: 30 }, exclusivity_key: key });
+  await waitFor(task.id, 'TASK_STATE_RUNNING');
+  const done = await client.cancelTasks({ exclusivity_key: key, mode: 'CANCEL_MODE_KILL' });
+  assert.deepEqual(done, { ended_count: 0, requested_count: 1, task_ids: [task.id] });
+  assert.equal((await watchAll({ task_id: task.id })).at(-1).state, 'TASK_STATE_CANCELLED');
+  // Nothing is left to cancel; a terminal state is refused, naming the field.
+  assert.deepEqual(await client.cancelTasks({ exclusivity_key: key }), { ended_count: 0, requested_count: 0, task_ids: [] });
+  const refused = await rejection(client.cancelTasksPage({ exclusivity_key: key, states: ['TASK_STATE_SUCCEEDED'] }));
+  assert.equal(refused.code, grpc.status.INVALID_ARGUMENT);
+  assert.deepEqual(refused.violations.map((v) => v.field), ['states']);
+});
+
 test('an unknown task id answers NOT_FOUND, on GetStatus and WatchStatus', TIMEOUT, async () => {
   const id = randomUUID();
   const error = await rejection(client.getStatus({ task_id: id }));
@@ -243,4 +263,71 @@ test('an unknown task id answers NOT_FOUND, on GetStatus and WatchStatus', TIMEO
   assert.equal(error.reason, 'TASK_NOT_FOUND');
   const watched = await rejection(watchAll({ task_id: id }));
   assert.equal(watched.code, grpc.status.NOT_FOUND);
+});
+
+test('QUEUE_LATEST: the newest start waits for the holder (waiting_for), superseding the one before', TIMEOUT, async () => {
+  const key = uniqueKey('latest');
+  const { task: holder } = await client.start({ task_name: 'demo.dummy', kwargs: { seconds: 30 }, exclusivity_key: key });
+  const latest = (name) =>
+    client.start({ task_name: 'demo.dummy', kwargs: { name, seconds: 0 }, exclusivity_key: key, conflict_policy: 'CONFLICT_POLICY_QUEUE_LATEST' });
+  const { task: first } = await latest('first');
+  const { task: second, already_existed } = await latest('second');
+  assert.equal(already_existed, false);
+  for (const waiting of [first, second]) {
+    assert.equal(waiting.state, 'TASK_STATE_QUEUED');
+    assert.equal(waiting.waiting_for, holder.id);
+  }
+  const superseded = (await watchAll({ task_id: first.id })).at(-1);
+  assert.equal(superseded.state, 'TASK_STATE_CANCELLED');
+  assert.equal(superseded.error.type, 'Superseded');
+  assert.equal(superseded.start_time, null); // it never ran
+
+  await client.cancel({ task_id: holder.id, mode: 'CANCEL_MODE_KILL' });
+  const done = (await watchAll({ task_id: second.id })).at(-1);
+  assert.equal(done.state, 'TASK_STATE_SUCCEEDED');
+  assert.equal(done.result, 'Hello second!');
+  assert.equal(done.waiting_for, '');
+});
+
+test('REPLACE with replace_mode KILL stops the running holder and runs the new task after it', TIMEOUT, async () => {
+  const key = uniqueKey('replace');
+  const { task: holder } = await client.start({ task_name: 'demo.dummy', kwargs: { seconds: 30 }, exclusivity_key: key });
+  await waitFor(holder.id, 'TASK_STATE_RUNNING');
+  const { task } = await client.start({
+    task_name: 'demo.dummy',
+    kwargs: { name: 'new', seconds: 0 },
+    exclusivity_key: key,
+    conflict_policy: 'CONFLICT_POLICY_REPLACE',
+    replace_mode: 'CANCEL_MODE_KILL',
+  });
+  assert.equal(task.state, 'TASK_STATE_QUEUED');
+  assert.equal(task.waiting_for, holder.id);
+  const done = (await watchAll({ task_id: task.id })).at(-1);
+  assert.equal(done.result, 'Hello new!');
+  const replaced = await client.getStatus({ task_id: holder.id });
+  assert.equal(replaced.state, 'TASK_STATE_CANCELLED');
+  assert.equal(replaced.cancel_mode, 'CANCEL_MODE_KILL');
+  assert.ok(done.start_time >= replaced.end_time, 'the new task ran before the old one ended');
+});
+
+test('a countdown of days holds the key until cancelled; a start_time runs when due', TIMEOUT, async () => {
+  const key = uniqueKey('later');
+  const before = Date.now();
+  const { task: far } = await client.start({ task_name: 'demo.dummy', kwargs: { seconds: 0 }, exclusivity_key: key, options: { countdown: 2 * 86400 } });
+  assert.equal(far.state, 'TASK_STATE_QUEUED');
+  const ahead = far.scheduled_time.getTime() - before;
+  assert.ok(ahead >= 2 * 86400_000 - 1000 && ahead <= 2 * 86400_000 + 60_000, `scheduled ${far.scheduled_time.toISOString()}`);
+  const held = await rejection(client.start({ task_name: 'demo.dummy', exclusivity_key: key }));
+  assert.equal(held.code, grpc.status.ALREADY_EXISTS);
+  assert.equal(held.metadata.task_id, far.id);
+  assert.equal((await client.cancel({ task_id: far.id })).state, 'TASK_STATE_CANCELLED');
+
+  const due = new Date(Math.ceil(Date.now() / 1000) * 1000 + 1000);
+  const { task } = await client.start({ task_name: 'demo.dummy', kwargs: { seconds: 0 }, exclusivity_key: key, options: { start_time: due } });
+  assert.equal(task.scheduled_time.getTime(), due.getTime());
+  const done = (await watchAll({ task_id: task.id })).at(-1);
+  assert.equal(done.state, 'TASK_STATE_SUCCEEDED');
+  assert.ok(done.start_time >= due, `ran at ${done.start_time.toISOString()}, due ${due.toISOString()}`);
+  const both = await client.start({ task_name: 'demo.dummy', options: { countdown: 1, start_time: due } }).catch((error) => error);
+  assert.ok(both instanceof TypeError, 'countdown with start_time is refused before any call');
 });

@@ -14,13 +14,16 @@ import {
   DEFAULT_PROTO_DIR,
   LOADER_OPTIONS,
   TaskServiceError,
+  dateToTimestamp,
   decodeError,
   fromListValue,
   fromStruct,
   fromValue,
   loadProtos,
+  startRequest,
   toListValue,
   toPlainTask,
+  toPlainTaskType,
   toSafeNumber,
   toStruct,
   toValue,
@@ -29,6 +32,7 @@ import {
 const { packageDefinition } = loadProtos();
 const Start = packageDefinition['taskservice.v1.TaskService'].Start;
 const GetStatus = packageDefinition['taskservice.v1.TaskService'].GetStatus;
+const ListTaskTypes = packageDefinition['taskservice.v1.TaskService'].ListTaskTypes;
 
 /** `request` as the server would read it: encoded and decoded again. */
 const overTheWire = (method, request) => method.requestDeserialize(method.requestSerialize(request));
@@ -167,4 +171,59 @@ test('decodeError unpacks ErrorInfo and BadRequest from grpc-status-details-bin'
   garbage.set('grpc-status-details-bin', Buffer.from([0xff, 0xff, 0xff]));
   const odd = decodeError(Object.assign(new Error('x'), { code: grpc.status.INTERNAL, details: 'boom', metadata: garbage }));
   assert.deepEqual([odd.codeName, odd.message, odd.errorInfo], ['INTERNAL', 'boom', null]);
+});
+
+test('startRequest: waiting policies, replace_mode, a countdown of days or a start_time, on the wire', () => {
+  const replacing = overTheWire(
+    Start,
+    startRequest({
+      task_name: 'demo.dummy',
+      exclusivity_key: 'k',
+      conflict_policy: 'CONFLICT_POLICY_REPLACE',
+      replace_mode: 'CANCEL_MODE_GRACEFUL',
+      options: { countdown: 3 * 86400 + 0.25 },
+    }),
+  );
+  assert.equal(replacing.conflict_policy, 'CONFLICT_POLICY_REPLACE');
+  assert.equal(replacing.replace_mode, 'CANCEL_MODE_GRACEFUL');
+  assert.deepEqual(replacing.options.countdown, { seconds: '259200', nanos: 250_000_000 });
+  assert.equal(replacing.options.start_time, null);
+
+  // A Date, or an RFC 3339 string with its zone: the same instant, in UTC.
+  for (const start_time of [new Date(Date.UTC(2031, 6, 1, 7, 30, 15, 250)), '2031-07-01T09:30:15.250+02:00']) {
+    const later = overTheWire(Start, startRequest({ task_name: 'demo.dummy', conflict_policy: 'CONFLICT_POLICY_QUEUE_LATEST', options: { start_time } }));
+    assert.equal(later.conflict_policy, 'CONFLICT_POLICY_QUEUE_LATEST');
+    assert.equal(later.replace_mode, 'CANCEL_MODE_UNSPECIFIED'); // the task type's
+    assert.deepEqual(later.options.start_time, { seconds: String(Date.UTC(2031, 6, 1, 7, 30, 15) / 1000), nanos: 250_000_000 });
+    assert.equal(later.options.countdown, null);
+  }
+  assert.equal(overTheWire(Start, startRequest({ task_name: 'x', conflict_policy: 'CONFLICT_POLICY_QUEUE' })).conflict_policy, 'CONFLICT_POLICY_QUEUE');
+
+  // Refused before any call: both times, a time without a zone, no time at all.
+  assert.throws(() => startRequest({ task_name: 'x', options: { countdown: 5, start_time: new Date() } }), /countdown or options.start_time, not both/);
+  assert.throws(() => startRequest({ task_name: 'x', options: { start_time: '2031-07-01T09:30:00' } }), /no time zone/);
+  assert.throws(() => dateToTimestamp('soon Z'), /not a time/);
+  assert.throws(() => dateToTimestamp(42), /not a time/);
+});
+
+test('a waiting task names the task it waits for; a task type its key settings', () => {
+  const task = { id: 'i', sequence: '2', state: 'TASK_STATE_QUEUED', waiting_for: 'holder-id', scheduled_time: { seconds: '1940000000', nanos: 0 } };
+  const waiting = toPlainTask(responseOverTheWire(GetStatus, { task }).task);
+  assert.equal(waiting.waiting_for, 'holder-id');
+  assert.deepEqual(waiting.scheduled_time, new Date(1_940_000_000_000));
+  assert.equal(toPlainTask(responseOverTheWire(GetStatus, { task: { id: 'j', sequence: '1' } }).task).waiting_for, '');
+
+  const { task_types } = responseOverTheWire(ListTaskTypes, {
+    task_types: [
+      { name: 'reports.build', key_slots: 3, key_line_limit: 10, quiet_period: { seconds: '90', nanos: 500_000_000 }, quiet_after_success: true, replace_mode: 'CANCEL_MODE_KILL' },
+      { name: 'demo.plain', parameters: [{ name: 'n', default_value: toValue(5) }] },
+    ],
+  });
+  const [shaped, plain] = task_types.map(toPlainTaskType);
+  assert.deepEqual(
+    [shaped.key_slots, shaped.key_line_limit, shaped.quiet_period, shaped.quiet_after_success, shaped.replace_mode],
+    [3, 10, 90.5, true, 'CANCEL_MODE_KILL'],
+  );
+  assert.deepEqual([plain.key_slots, plain.quiet_period, plain.replace_mode], [0, null, 'CANCEL_MODE_UNSPECIFIED']);
+  assert.equal(plain.parameters[0].default_value, 5);
 });

@@ -9,11 +9,6 @@ if state == 'PENDING' then
   return {'cancelled', finish(KEYS[1], id, 'REVOKED', {'cancel', ARGV[4], 'finished', ARGV[5]})}
 end
 if state == 'STARTED' then
-  local mode = redis.call('HGET', KEYS[1], 'cancel')
-  if not mode or RANK[ARGV[4]] > (RANK[mode] or 0) then
-    redis.call('HSET', KEYS[1], 'cancel', ARGV[4])
-    return {'requested', commit(KEYS[1])}
-  end
-  return {'requested', (snapshot(KEYS[1]))}
+  return {'requested', (ask_to_stop(KEYS[1], ARGV[4]))}
 end
 return {'ended', (snapshot(KEYS[1]))}

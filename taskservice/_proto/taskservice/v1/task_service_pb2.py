@@ -27,57 +27,61 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!taskservice/v1/task_service.proto\x12\x0etaskservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttask_name\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.taskservice.v1.TaskState\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.taskservice.v1.TaskErrorH\x00\x12*\n\x08progress\x18\x06 \x01(\x0b\x32\x18.taskservice.v1.Progress\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x17\n\x0f\x65xclusivity_key\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x04\x12/\n\x0b\x63\x61ncel_mode\x18\r \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\x12\r\n\x05queue\x18\x0e \x01(\t\x12\x32\n\x0escheduled_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfencing_token\x18\x10 \x01(\x04\x42\t\n\x07outcome\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\";\n\x08Progress\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xae\x01\n\x0cStartOptions\x12,\n\tcountdown\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05queue\x18\x02 \x01(\t\x12-\n\ntime_limit\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fsoft_time_limit\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x89\x02\n\x0cStartRequest\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x65xclusivity_key\x18\x04 \x01(\t\x12\x37\n\x0f\x63onflict_policy\x18\x05 \x01(\x0e\x32\x1e.taskservice.v1.ConflictPolicy\x12-\n\x07options\x18\x06 \x01(\x0b\x32\x1c.taskservice.v1.StartOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"L\n\rStartResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"L\n\x10GetStatusRequest\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x65xclusivity_key\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"7\n\x11GetStatusResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\"^\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\"f\n\x12WatchStatusRequest\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x65xclusivity_key\x18\x02 \x01(\tH\x00\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\x42\n\n\x08selector\"9\n\x13WatchStatusResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\"\x90\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06states\x18\x03 \x03(\x0e\x32\x19.taskservice.v1.TaskState\x12\x11\n\ttask_name\x18\x04 \x01(\t\x12\x17\n\x0f\x65xclusivity_key\x18\x05 \x01(\t\"Q\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.taskservice.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x16\n\x14ListTaskTypesRequest\"E\n\x15ListTaskTypesResponse\x12,\n\ntask_types\x18\x01 \x03(\x0b\x32\x18.taskservice.v1.TaskType\"}\n\x08TaskType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\nparameters\x18\x03 \x03(\x0b\x32\x19.taskservice.v1.Parameter\x12\x1f\n\x17\x64\x65\x66\x61ult_exclusivity_key\x18\x04 \x01(\t\"\x9b\x01\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.taskservice.v1.ParameterKind\x12\x10\n\x08required\x18\x03 \x01(\x08\x12-\n\rdefault_value\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x12\n\nannotation\x18\x05 \x01(\t*\xb6\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x12\x13\n\x0fTASK_STATE_LOST\x10\x06*r\n\x0e\x43onflictPolicy\x12\x1f\n\x1b\x43ONFLICT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONFLICT_POLICY_REJECT\x10\x01\x12#\n\x1f\x43ONFLICT_POLICY_RETURN_EXISTING\x10\x02*t\n\nCancelMode\x12\x1b\n\x17\x43\x41NCEL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41NCEL_MODE_GRACEFUL\x10\x01\x12\x19\n\x15\x43\x41NCEL_MODE_TERMINATE\x10\x02\x12\x14\n\x10\x43\x41NCEL_MODE_KILL\x10\x03*\xe1\x01\n\rParameterKind\x12\x1e\n\x1aPARAMETER_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1ePARAMETER_KIND_POSITIONAL_ONLY\x10\x01\x12(\n$PARAMETER_KIND_POSITIONAL_OR_KEYWORD\x10\x02\x12!\n\x1dPARAMETER_KIND_VAR_POSITIONAL\x10\x03\x12\x1f\n\x1bPARAMETER_KIND_KEYWORD_ONLY\x10\x04\x12\x1e\n\x1aPARAMETER_KIND_VAR_KEYWORD\x10\x05\x32\xf8\x03\n\x0bTaskService\x12\x44\n\x05Start\x12\x1c.taskservice.v1.StartRequest\x1a\x1d.taskservice.v1.StartResponse\x12P\n\tGetStatus\x12 .taskservice.v1.GetStatusRequest\x1a!.taskservice.v1.GetStatusResponse\x12G\n\x06\x43\x61ncel\x12\x1d.taskservice.v1.CancelRequest\x1a\x1e.taskservice.v1.CancelResponse\x12X\n\x0bWatchStatus\x12\".taskservice.v1.WatchStatusRequest\x1a#.taskservice.v1.WatchStatusResponse0\x01\x12\\\n\rListTaskTypes\x12$.taskservice.v1.ListTaskTypesRequest\x1a%.taskservice.v1.ListTaskTypesResponse\x12P\n\tListTasks\x12 .taskservice.v1.ListTasksRequest\x1a!.taskservice.v1.ListTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!taskservice/v1/task_service.proto\x12\x0etaskservice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x04\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttask_name\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.taskservice.v1.TaskState\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.taskservice.v1.TaskErrorH\x00\x12*\n\x08progress\x18\x06 \x01(\x0b\x32\x18.taskservice.v1.Progress\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06worker\x18\n \x01(\t\x12\x17\n\x0f\x65xclusivity_key\x18\x0b \x01(\t\x12\x10\n\x08sequence\x18\x0c \x01(\x04\x12/\n\x0b\x63\x61ncel_mode\x18\r \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\x12\r\n\x05queue\x18\x0e \x01(\t\x12\x32\n\x0escheduled_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rfencing_token\x18\x10 \x01(\x04\x12\x13\n\x0bwaiting_for\x18\x11 \x01(\tB\t\n\x07outcome\"=\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\";\n\x08Progress\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xde\x01\n\x0cStartOptions\x12,\n\tcountdown\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05queue\x18\x02 \x01(\t\x12-\n\ntime_limit\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0fsoft_time_limit\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x02\n\x0cStartRequest\x12\x11\n\ttask_name\x18\x01 \x01(\t\x12(\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x06kwargs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x65xclusivity_key\x18\x04 \x01(\t\x12\x37\n\x0f\x63onflict_policy\x18\x05 \x01(\x0e\x32\x1e.taskservice.v1.ConflictPolicy\x12-\n\x07options\x18\x06 \x01(\x0b\x32\x1c.taskservice.v1.StartOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x30\n\x0creplace_mode\x18\x08 \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\"L\n\rStartResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\x12\x17\n\x0f\x61lready_existed\x18\x02 \x01(\x08\"L\n\x10GetStatusRequest\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x65xclusivity_key\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"7\n\x11GetStatusResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\"^\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"4\n\x0e\x43\x61ncelResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\"f\n\x12WatchStatusRequest\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0f\x65xclusivity_key\x18\x02 \x01(\tH\x00\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\x42\n\n\x08selector\"9\n\x13WatchStatusResponse\x12\"\n\x04task\x18\x01 \x01(\x0b\x32\x14.taskservice.v1.Task\"\x90\x01\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06states\x18\x03 \x03(\x0e\x32\x19.taskservice.v1.TaskState\x12\x11\n\ttask_name\x18\x04 \x01(\t\x12\x17\n\x0f\x65xclusivity_key\x18\x05 \x01(\t\"Q\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.taskservice.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbc\x01\n\x12\x43\x61ncelTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06states\x18\x03 \x03(\x0e\x32\x19.taskservice.v1.TaskState\x12\x11\n\ttask_name\x18\x04 \x01(\t\x12\x17\n\x0f\x65xclusivity_key\x18\x05 \x01(\t\x12(\n\x04mode\x18\x06 \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\"n\n\x13\x43\x61ncelTasksResponse\x12\x13\n\x0b\x65nded_count\x18\x01 \x01(\x05\x12\x17\n\x0frequested_count\x18\x02 \x01(\x05\x12\x10\n\x08task_ids\x18\x03 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x04 \x01(\t\"\x16\n\x14ListTaskTypesRequest\"E\n\x15ListTaskTypesResponse\x12,\n\ntask_types\x18\x01 \x03(\x0b\x32\x18.taskservice.v1.TaskType\"\xa8\x02\n\x08TaskType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\nparameters\x18\x03 \x03(\x0b\x32\x19.taskservice.v1.Parameter\x12\x1f\n\x17\x64\x65\x66\x61ult_exclusivity_key\x18\x04 \x01(\t\x12\x11\n\tkey_slots\x18\x05 \x01(\r\x12\x16\n\x0ekey_line_limit\x18\x06 \x01(\r\x12/\n\x0cquiet_period\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13quiet_after_success\x18\x08 \x01(\x08\x12\x30\n\x0creplace_mode\x18\t \x01(\x0e\x32\x1a.taskservice.v1.CancelMode\"\x9b\x01\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.taskservice.v1.ParameterKind\x12\x10\n\x08required\x18\x03 \x01(\x08\x12-\n\rdefault_value\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x12\n\nannotation\x18\x05 \x01(\t*\xb6\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x12\x13\n\x0fTASK_STATE_LOST\x10\x06*\xcc\x01\n\x0e\x43onflictPolicy\x12\x1f\n\x1b\x43ONFLICT_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONFLICT_POLICY_REJECT\x10\x01\x12#\n\x1f\x43ONFLICT_POLICY_RETURN_EXISTING\x10\x02\x12\x1b\n\x17\x43ONFLICT_POLICY_REPLACE\x10\x03\x12 \n\x1c\x43ONFLICT_POLICY_QUEUE_LATEST\x10\x04\x12\x19\n\x15\x43ONFLICT_POLICY_QUEUE\x10\x05*t\n\nCancelMode\x12\x1b\n\x17\x43\x41NCEL_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41NCEL_MODE_GRACEFUL\x10\x01\x12\x19\n\x15\x43\x41NCEL_MODE_TERMINATE\x10\x02\x12\x14\n\x10\x43\x41NCEL_MODE_KILL\x10\x03*\xe1\x01\n\rParameterKind\x12\x1e\n\x1aPARAMETER_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1ePARAMETER_KIND_POSITIONAL_ONLY\x10\x01\x12(\n$PARAMETER_KIND_POSITIONAL_OR_KEYWORD\x10\x02\x12!\n\x1dPARAMETER_KIND_VAR_POSITIONAL\x10\x03\x12\x1f\n\x1bPARAMETER_KIND_KEYWORD_ONLY\x10\x04\x12\x1e\n\x1aPARAMETER_KIND_VAR_KEYWORD\x10\x05\x32\xd0\x04\n\x0bTaskService\x12\x44\n\x05Start\x12\x1c.taskservice.v1.StartRequest\x1a\x1d.taskservice.v1.StartResponse\x12P\n\tGetStatus\x12 .taskservice.v1.GetStatusRequest\x1a!.taskservice.v1.GetStatusResponse\x12G\n\x06\x43\x61ncel\x12\x1d.taskservice.v1.CancelRequest\x1a\x1e.taskservice.v1.CancelResponse\x12X\n\x0bWatchStatus\x12\".taskservice.v1.WatchStatusRequest\x1a#.taskservice.v1.WatchStatusResponse0\x01\x12\\\n\rListTaskTypes\x12$.taskservice.v1.ListTaskTypesRequest\x1a%.taskservice.v1.ListTaskTypesResponse\x12P\n\tListTasks\x12 .taskservice.v1.ListTasksRequest\x1a!.taskservice.v1.ListTasksResponse\x12V\n\x0b\x43\x61ncelTasks\x12\".taskservice.v1.CancelTasksRequest\x1a#.taskservice.v1.CancelTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskservice.v1.task_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=2418
-  _globals['_TASKSTATE']._serialized_end=2600
-  _globals['_CONFLICTPOLICY']._serialized_start=2602
-  _globals['_CONFLICTPOLICY']._serialized_end=2716
-  _globals['_CANCELMODE']._serialized_start=2718
-  _globals['_CANCELMODE']._serialized_end=2834
-  _globals['_PARAMETERKIND']._serialized_start=2837
-  _globals['_PARAMETERKIND']._serialized_end=3062
+  _globals['_TASKSTATE']._serialized_start=3012
+  _globals['_TASKSTATE']._serialized_end=3194
+  _globals['_CONFLICTPOLICY']._serialized_start=3197
+  _globals['_CONFLICTPOLICY']._serialized_end=3401
+  _globals['_CANCELMODE']._serialized_start=3403
+  _globals['_CANCELMODE']._serialized_end=3519
+  _globals['_PARAMETERKIND']._serialized_start=3522
+  _globals['_PARAMETERKIND']._serialized_end=3747
   _globals['_TASK']._serialized_start=149
-  _globals['_TASK']._serialized_end=710
-  _globals['_TASKERROR']._serialized_start=712
-  _globals['_TASKERROR']._serialized_end=773
-  _globals['_PROGRESS']._serialized_start=775
-  _globals['_PROGRESS']._serialized_end=834
-  _globals['_STARTOPTIONS']._serialized_start=837
-  _globals['_STARTOPTIONS']._serialized_end=1011
-  _globals['_STARTREQUEST']._serialized_start=1014
-  _globals['_STARTREQUEST']._serialized_end=1279
-  _globals['_STARTRESPONSE']._serialized_start=1281
-  _globals['_STARTRESPONSE']._serialized_end=1357
-  _globals['_GETSTATUSREQUEST']._serialized_start=1359
-  _globals['_GETSTATUSREQUEST']._serialized_end=1435
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1437
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1492
-  _globals['_CANCELREQUEST']._serialized_start=1494
-  _globals['_CANCELREQUEST']._serialized_end=1588
-  _globals['_CANCELRESPONSE']._serialized_start=1590
-  _globals['_CANCELRESPONSE']._serialized_end=1642
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=1644
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=1746
-  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1748
-  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1805
-  _globals['_LISTTASKSREQUEST']._serialized_start=1808
-  _globals['_LISTTASKSREQUEST']._serialized_end=1952
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1954
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2035
-  _globals['_LISTTASKTYPESREQUEST']._serialized_start=2037
-  _globals['_LISTTASKTYPESREQUEST']._serialized_end=2059
-  _globals['_LISTTASKTYPESRESPONSE']._serialized_start=2061
-  _globals['_LISTTASKTYPESRESPONSE']._serialized_end=2130
-  _globals['_TASKTYPE']._serialized_start=2132
-  _globals['_TASKTYPE']._serialized_end=2257
-  _globals['_PARAMETER']._serialized_start=2260
-  _globals['_PARAMETER']._serialized_end=2415
-  _globals['_TASKSERVICE']._serialized_start=3065
-  _globals['_TASKSERVICE']._serialized_end=3569
+  _globals['_TASK']._serialized_end=731
+  _globals['_TASKERROR']._serialized_start=733
+  _globals['_TASKERROR']._serialized_end=794
+  _globals['_PROGRESS']._serialized_start=796
+  _globals['_PROGRESS']._serialized_end=855
+  _globals['_STARTOPTIONS']._serialized_start=858
+  _globals['_STARTOPTIONS']._serialized_end=1080
+  _globals['_STARTREQUEST']._serialized_start=1083
+  _globals['_STARTREQUEST']._serialized_end=1398
+  _globals['_STARTRESPONSE']._serialized_start=1400
+  _globals['_STARTRESPONSE']._serialized_end=1476
+  _globals['_GETSTATUSREQUEST']._serialized_start=1478
+  _globals['_GETSTATUSREQUEST']._serialized_end=1554
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1556
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1611
+  _globals['_CANCELREQUEST']._serialized_start=1613
+  _globals['_CANCELREQUEST']._serialized_end=1707
+  _globals['_CANCELRESPONSE']._serialized_start=1709
+  _globals['_CANCELRESPONSE']._serialized_end=1761
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=1763
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1865
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1867
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1924
+  _globals['_LISTTASKSREQUEST']._serialized_start=1927
+  _globals['_LISTTASKSREQUEST']._serialized_end=2071
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2073
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2154
+  _globals['_CANCELTASKSREQUEST']._serialized_start=2157
+  _globals['_CANCELTASKSREQUEST']._serialized_end=2345
+  _globals['_CANCELTASKSRESPONSE']._serialized_start=2347
+  _globals['_CANCELTASKSRESPONSE']._serialized_end=2457
+  _globals['_LISTTASKTYPESREQUEST']._serialized_start=2459
+  _globals['_LISTTASKTYPESREQUEST']._serialized_end=2481
+  _globals['_LISTTASKTYPESRESPONSE']._serialized_start=2483
+  _globals['_LISTTASKTYPESRESPONSE']._serialized_end=2552
+  _globals['_TASKTYPE']._serialized_start=2555
+  _globals['_TASKTYPE']._serialized_end=2851
+  _globals['_PARAMETER']._serialized_start=2854
+  _globals['_PARAMETER']._serialized_end=3009
+  _globals['_TASKSERVICE']._serialized_start=3750
+  _globals['_TASKSERVICE']._serialized_end=4342
 # @@protoc_insertion_point(module_scope)

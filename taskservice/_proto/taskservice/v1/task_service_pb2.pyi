@@ -31,7 +31,10 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     TASK_STATE_UNSPECIFIED: _TaskState.ValueType  # 0
     """Never set by the server."""
     TASK_STATE_QUEUED: _TaskState.ValueType  # 1
-    """Accepted and waiting in the broker for a worker (or for its countdown)."""
+    """Accepted and not started yet: waiting in the broker for a worker, for
+    its start time (`scheduled_time`), or for its exclusivity key
+    (`waiting_for`).
+    """
     TASK_STATE_RUNNING: _TaskState.ValueType  # 2
     """A worker is executing it. Progress reports keep this state."""
     TASK_STATE_SUCCEEDED: _TaskState.ValueType  # 3
@@ -42,8 +45,11 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """
     TASK_STATE_CANCELLED: _TaskState.ValueType  # 5
     """Cancelled by a Cancel call; or never enqueued because its Start failed
-    (`error.type` "NotEnqueued"). A task stopped by KILL, or cancelled
-    while queued, has no outcome; one stopped by TERMINATE has `error.type`
+    (`error.type` "NotEnqueued"); or, while queued, replaced by a newer Start
+    under its key (`error.type` "Replaced", CONFLICT_POLICY_REPLACE) or
+    superseded by one while it waited for the key (`error.type`
+    "Superseded", CONFLICT_POLICY_QUEUE_LATEST or REPLACE): such a task never
+    ran. A task stopped by KILL, or cancelled while queued, has no outcome; one stopped by TERMINATE has `error.type`
     "Terminated" (its cleanup ran first); after a GRACEFUL cancel it has
     the `result` it returned or the `error` it raised (see
     CANCEL_MODE_GRACEFUL).
@@ -62,7 +68,10 @@ class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper):
 TASK_STATE_UNSPECIFIED: TaskState.ValueType  # 0
 """Never set by the server."""
 TASK_STATE_QUEUED: TaskState.ValueType  # 1
-"""Accepted and waiting in the broker for a worker (or for its countdown)."""
+"""Accepted and not started yet: waiting in the broker for a worker, for
+its start time (`scheduled_time`), or for its exclusivity key
+(`waiting_for`).
+"""
 TASK_STATE_RUNNING: TaskState.ValueType  # 2
 """A worker is executing it. Progress reports keep this state."""
 TASK_STATE_SUCCEEDED: TaskState.ValueType  # 3
@@ -73,8 +82,11 @@ could not be encoded as JSON; `error` says which.
 """
 TASK_STATE_CANCELLED: TaskState.ValueType  # 5
 """Cancelled by a Cancel call; or never enqueued because its Start failed
-(`error.type` "NotEnqueued"). A task stopped by KILL, or cancelled
-while queued, has no outcome; one stopped by TERMINATE has `error.type`
+(`error.type` "NotEnqueued"); or, while queued, replaced by a newer Start
+under its key (`error.type` "Replaced", CONFLICT_POLICY_REPLACE) or
+superseded by one while it waited for the key (`error.type`
+"Superseded", CONFLICT_POLICY_QUEUE_LATEST or REPLACE): such a task never
+ran. A task stopped by KILL, or cancelled while queued, has no outcome; one stopped by TERMINATE has `error.type`
 "Terminated" (its cleanup ran first); after a GRACEFUL cancel it has
 the `result` it returned or the `error` it raised (see
 CANCEL_MODE_GRACEFUL).
@@ -100,9 +112,32 @@ class _ConflictPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Confli
     """
     CONFLICT_POLICY_RETURN_EXISTING: _ConflictPolicy.ValueType  # 2
     """Answer OK with the unfinished task and `already_existed = true`."""
+    CONFLICT_POLICY_REPLACE: _ConflictPolicy.ValueType  # 3
+    """Cancel the key's task (the oldest, with several slots) with
+    StartRequest.replace_mode, and run the new task once it has ended:
+    until then the new task is QUEUED with `waiting_for` naming it (a
+    queued task ends at once, so the new one goes to the broker at once).
+    Tasks already waiting for the key are superseded.
+    """
+    CONFLICT_POLICY_QUEUE_LATEST: _ConflictPolicy.ValueType  # 4
+    """Wait for the key as its one waiting task: tasks already waiting for
+    it are superseded (they end CANCELLED, `error.type` "Superseded", and
+    never run). The newest input wins; at most one task waits.
+    """
+    CONFLICT_POLICY_QUEUE: _ConflictPolicy.ValueType  # 5
+    """Wait in line for the key, first come first served. The line holds at
+    most TaskType.key_line_limit tasks (else TASKSERVICE_KEY_LINE_LIMIT);
+    past it, RESOURCE_EXHAUSTED (reason KEY_LINE_FULL).
+    """
 
 class ConflictPolicy(_ConflictPolicy, metaclass=_ConflictPolicyEnumTypeWrapper):
-    """What Start does when a task is already unfinished under the exclusivity key."""
+    """What Start does when its exclusivity key is held: as many tasks as the
+    key has slots (TaskType.key_slots, else 1) are unfinished under it, or
+    tasks already wait for it. Whatever the policy, no more tasks run under a
+    key at once than it has slots. During a key's quiet period
+    (TaskType.quiet_period) every policy answers ALREADY_EXISTS (reason
+    KEY_QUIET), RETURN_EXISTING the task that ended last.
+    """
 
 CONFLICT_POLICY_UNSPECIFIED: ConflictPolicy.ValueType  # 0
 """Same as CONFLICT_POLICY_REJECT."""
@@ -112,6 +147,23 @@ unfinished task.
 """
 CONFLICT_POLICY_RETURN_EXISTING: ConflictPolicy.ValueType  # 2
 """Answer OK with the unfinished task and `already_existed = true`."""
+CONFLICT_POLICY_REPLACE: ConflictPolicy.ValueType  # 3
+"""Cancel the key's task (the oldest, with several slots) with
+StartRequest.replace_mode, and run the new task once it has ended:
+until then the new task is QUEUED with `waiting_for` naming it (a
+queued task ends at once, so the new one goes to the broker at once).
+Tasks already waiting for the key are superseded.
+"""
+CONFLICT_POLICY_QUEUE_LATEST: ConflictPolicy.ValueType  # 4
+"""Wait for the key as its one waiting task: tasks already waiting for
+it are superseded (they end CANCELLED, `error.type` "Superseded", and
+never run). The newest input wins; at most one task waits.
+"""
+CONFLICT_POLICY_QUEUE: ConflictPolicy.ValueType  # 5
+"""Wait in line for the key, first come first served. The line holds at
+most TaskType.key_line_limit tasks (else TASKSERVICE_KEY_LINE_LIMIT);
+past it, RESOURCE_EXHAUSTED (reason KEY_LINE_FULL).
+"""
 Global___ConflictPolicy: _TypeAlias = ConflictPolicy  # noqa: Y015
 
 class _CancelMode:
@@ -216,6 +268,7 @@ class Task(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The task id, a UUID (the Celery task id)."""
     task_name: _builtins.str
@@ -247,7 +300,13 @@ class Task(_message.Message):
     as `self.fencing_token`. Only comparisons mean anything (today it is
     Redis's clock in milliseconds at the claim, or one more than the
     previous token if that is larger). 0 for a task without an exclusivity
-    key: nothing to fence against.
+    key: nothing to fence against. 0 too while the task waits for its key.
+    """
+    waiting_for: _builtins.str
+    """While the task waits for its exclusivity key (CONFLICT_POLICY_REPLACE,
+    QUEUE_LATEST, QUEUE): the id of the task it waits to end (the one it
+    replaces, else the one ahead of it when it was queued). Empty once it
+    holds the key, and for every other task.
     """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
@@ -280,8 +339,8 @@ class Task(_message.Message):
 
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
-        """The earliest time a worker may run the task (Start's countdown);
-        unset if it may run at once.
+        """The earliest time a worker may run the task (Start's countdown or
+        start_time); unset if it may run at once.
         """
 
     def __init__(
@@ -303,10 +362,11 @@ class Task(_message.Message):
         queue: _builtins.str = ...,
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
         fencing_token: _builtins.int = ...,
+        waiting_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "outcome", b"outcome", "progress", b"progress", "result", b"result", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_mode", b"cancel_mode", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "exclusivity_key", b"exclusivity_key", "fencing_token", b"fencing_token", "id", b"id", "outcome", b"outcome", "progress", b"progress", "queue", b"queue", "result", b"result", "scheduled_time", b"scheduled_time", "sequence", b"sequence", "start_time", b"start_time", "state", b"state", "task_name", b"task_name", "worker", b"worker"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_mode", b"cancel_mode", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "exclusivity_key", b"exclusivity_key", "fencing_token", b"fencing_token", "id", b"id", "outcome", b"outcome", "progress", b"progress", "queue", b"queue", "result", b"result", "scheduled_time", b"scheduled_time", "sequence", b"sequence", "start_time", b"start_time", "state", b"state", "task_name", b"task_name", "waiting_for", b"waiting_for", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
@@ -390,15 +450,19 @@ class StartOptions(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     TIME_LIMIT_FIELD_NUMBER: _builtins.int
     SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Send the task to this queue instead of the default ("celery"). A task on
     a queue no worker consumes stays QUEUED.
     """
     @_builtins.property
     def countdown(self) -> _duration_pb2.Duration:
-        """Wait this long before the task may run. Must be non-negative and at most
-        one hour, 3600s (the broker's visibility timeout bounds longer delays):
-        longer is INVALID_ARGUMENT.
+        """Wait this long before the task may run: any non-negative length up to
+        the server's record TTL (TASKSERVICE_RECORD_TTL, 7 days by default;
+        longer is INVALID_ARGUMENT). The server keeps the task in Redis and hands
+        it to the broker when it is due, so no broker timeout bounds it; until
+        then it is QUEUED with `scheduled_time`, listed, cancellable, and holds
+        its exclusivity key. Not with start_time.
         """
 
     @_builtins.property
@@ -413,6 +477,13 @@ class StartOptions(_message.Message):
         may catch to clean up. Must be positive, and below time_limit if both set.
         """
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Run no earlier than this time, as countdown does (a time in the past:
+        at once; further ahead than the record TTL: INVALID_ARGUMENT). Not with
+        countdown.
+        """
+
     def __init__(
         self,
         *,
@@ -420,10 +491,11 @@ class StartOptions(_message.Message):
         queue: _builtins.str = ...,
         time_limit: _duration_pb2.Duration | None = ...,
         soft_time_limit: _duration_pb2.Duration | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "time_limit", b"time_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "queue", b"queue", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countdown", b"countdown", "queue", b"queue", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "time_limit", b"time_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -442,6 +514,7 @@ class StartRequest(_message.Message):
     CONFLICT_POLICY_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPLACE_MODE_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     """The task type to start, one of ListTaskTypes' names."""
     exclusivity_key: _builtins.str
@@ -450,13 +523,17 @@ class StartRequest(_message.Message):
     or no exclusivity if it has none.
     """
     conflict_policy: Global___ConflictPolicy.ValueType
-    """What to do if a task is unfinished under the key."""
+    """What to do if the key is held (see ConflictPolicy)."""
     request_id: _builtins.str
     """Makes retries safe (AIP-155): a Start repeated with the same request_id
     and the same parameters answers with the same task and enqueues nothing;
     with other parameters it is INVALID_ARGUMENT. A UUID is a good choice
     (1-128 characters of [A-Za-z0-9._:-]); kept TASKSERVICE_REQUEST_ID_TTL
     seconds. A Start that failed left no trace, so its retry runs anew.
+    """
+    replace_mode: Global___CancelMode.ValueType
+    """How CONFLICT_POLICY_REPLACE cancels the task it replaces if that task
+    runs. UNSPECIFIED: the task type's replace_mode.
     """
     @_builtins.property
     def args(self) -> _struct_pb2.ListValue:
@@ -480,10 +557,11 @@ class StartRequest(_message.Message):
         conflict_policy: Global___ConflictPolicy.ValueType = ...,
         options: Global___StartOptions | None = ...,
         request_id: _builtins.str = ...,
+        replace_mode: Global___CancelMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "conflict_policy", b"conflict_policy", "exclusivity_key", b"exclusivity_key", "kwargs", b"kwargs", "options", b"options", "request_id", b"request_id", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "conflict_policy", b"conflict_policy", "exclusivity_key", b"exclusivity_key", "kwargs", b"kwargs", "options", b"options", "replace_mode", b"replace_mode", "request_id", b"request_id", "task_name", b"task_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -770,6 +848,102 @@ class ListTasksResponse(_message.Message):
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
 
 @_typing.final
+class CancelTasksRequest(_message.Message):
+    """Request of CancelTasks. The filters combine with AND; with none, every
+    active task is cancelled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    TASK_NAME_FIELD_NUMBER: _builtins.int
+    EXCLUSIVITY_KEY_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most tasks to cancel in this call: 0 means 100; above 500 means 500;
+    negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous call; empty at first. It must come
+    with the same filters and mode (INVALID_ARGUMENT otherwise).
+    """
+    task_name: _builtins.str
+    """Only tasks of this type; empty for all types."""
+    exclusivity_key: _builtins.str
+    """Only tasks under this exclusivity key (holding or waiting for it);
+    empty for all.
+    """
+    mode: Global___CancelMode.ValueType
+    """How to stop the running ones, as CancelRequest.mode."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskState.ValueType]:
+        """Only tasks in these states: QUEUED, RUNNING or both; empty for both.
+        A terminal state is INVALID_ARGUMENT (nothing to cancel).
+        """
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        states: _abc.Iterable[Global___TaskState.ValueType] | None = ...,
+        task_name: _builtins.str = ...,
+        exclusivity_key: _builtins.str = ...,
+        mode: Global___CancelMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exclusivity_key", b"exclusivity_key", "mode", b"mode", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "task_name", b"task_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTasksRequest: _TypeAlias = CancelTasksRequest  # noqa: Y015
+
+@_typing.final
+class CancelTasksResponse(_message.Message):
+    """Response of CancelTasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDED_COUNT_FIELD_NUMBER: _builtins.int
+    REQUESTED_COUNT_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ended_count: _builtins.int
+    """Tasks this call ended CANCELLED (queued ones, and running ones whose
+    worker confirmed at once).
+    """
+    requested_count: _builtins.int
+    """Running tasks this call asked to stop; each ends CANCELLED once its
+    worker stops it (GRACEFUL: once it returns).
+    """
+    next_page_token: _builtins.str
+    """Pass as CancelTasksRequest.page_token to cancel the tasks this call did
+    not reach; empty when none matched beyond this call.
+    """
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The ids of the tasks counted above."""
+
+    def __init__(
+        self,
+        *,
+        ended_count: _builtins.int = ...,
+        requested_count: _builtins.int = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_count", b"ended_count", "next_page_token", b"next_page_token", "requested_count", b"requested_count", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTasksResponse: _TypeAlias = CancelTasksResponse  # noqa: Y015
+
+@_typing.final
 class ListTaskTypesRequest(_message.Message):
     """Request of ListTaskTypes."""
 
@@ -820,6 +994,11 @@ class TaskType(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     DEFAULT_EXCLUSIVITY_KEY_FIELD_NUMBER: _builtins.int
+    KEY_SLOTS_FIELD_NUMBER: _builtins.int
+    KEY_LINE_LIMIT_FIELD_NUMBER: _builtins.int
+    QUIET_PERIOD_FIELD_NUMBER: _builtins.int
+    QUIET_AFTER_SUCCESS_FIELD_NUMBER: _builtins.int
+    REPLACE_MODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name to pass as StartRequest.task_name."""
     description: _builtins.str
@@ -828,9 +1007,30 @@ class TaskType(_message.Message):
     """The exclusivity key used when StartRequest.exclusivity_key is empty;
     empty if the type runs without exclusivity by default.
     """
+    key_slots: _builtins.int
+    """How many tasks of this type may run at once under one key; 0: the
+    server's TASKSERVICE_KEY_SLOTS for the key (1 unless set). Keys of the
+    same name are one key across task types: their tasks share the slots.
+    """
+    key_line_limit: _builtins.int
+    """The longest line of tasks waiting for a key (CONFLICT_POLICY_QUEUE);
+    0: the server's TASKSERVICE_KEY_LINE_LIMIT.
+    """
+    quiet_after_success: _builtins.bool
+    """The quiet period follows only a SUCCEEDED task, not every end."""
+    replace_mode: Global___CancelMode.ValueType
+    """How CONFLICT_POLICY_REPLACE cancels a running task of this type when
+    the Start names no replace_mode (TERMINATE unless the type says).
+    """
     @_builtins.property
     def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Parameter]:
         """The parameters, in order."""
+
+    @_builtins.property
+    def quiet_period(self) -> _duration_pb2.Duration:
+        """After a task of this type ends, its key refuses new Starts this long
+        (ALREADY_EXISTS, reason KEY_QUIET); unset: no quiet period.
+        """
 
     def __init__(
         self,
@@ -839,10 +1039,15 @@ class TaskType(_message.Message):
         description: _builtins.str = ...,
         parameters: _abc.Iterable[Global___Parameter] | None = ...,
         default_exclusivity_key: _builtins.str = ...,
+        key_slots: _builtins.int = ...,
+        key_line_limit: _builtins.int = ...,
+        quiet_period: _duration_pb2.Duration | None = ...,
+        quiet_after_success: _builtins.bool = ...,
+        replace_mode: Global___CancelMode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_period", b"quiet_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_exclusivity_key", b"default_exclusivity_key", "description", b"description", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_exclusivity_key", b"default_exclusivity_key", "description", b"description", "key_line_limit", b"key_line_limit", "key_slots", b"key_slots", "name", b"name", "parameters", b"parameters", "quiet_after_success", b"quiet_after_success", "quiet_period", b"quiet_period", "replace_mode", b"replace_mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -33,13 +33,16 @@ class TaskServiceStub(object):
     (domain "taskservice.dev"); the reason names the situation:
     INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
-    ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
+    ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task;
+    reason KEY_QUIET, metadata task_id = the task that ended last
+    under the key, free_time = when the key frees (RFC 3339)
     FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
     BROKER_MISCONFIGURED (an operator must fix the server)
     UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
     PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
     RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
-    REDIS_POOL_EXHAUSTED (retry with backoff)
+    REDIS_POOL_EXHAUSTED (retry with backoff); KEY_LINE_FULL,
+    metadata exclusivity_key, limit (CONFLICT_POLICY_QUEUE)
     UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
     REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
     (all retryable: a Start that answers UNAVAILABLE left
@@ -82,6 +85,11 @@ class TaskServiceStub(object):
                 request_serializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.CancelTasks = channel.unary_unary(
+                '/taskservice.v1.TaskService/CancelTasks',
+                request_serializer=taskservice_dot_v1_dot_task__service__pb2.CancelTasksRequest.SerializeToString,
+                response_deserializer=taskservice_dot_v1_dot_task__service__pb2.CancelTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer(object):
@@ -92,13 +100,16 @@ class TaskServiceServicer(object):
     (domain "taskservice.dev"); the reason names the situation:
     INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
-    ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
+    ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task;
+    reason KEY_QUIET, metadata task_id = the task that ended last
+    under the key, free_time = when the key frees (RFC 3339)
     FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
     BROKER_MISCONFIGURED (an operator must fix the server)
     UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
     PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
     RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
-    REDIS_POOL_EXHAUSTED (retry with backoff)
+    REDIS_POOL_EXHAUSTED (retry with backoff); KEY_LINE_FULL,
+    metadata exclusivity_key, limit (CONFLICT_POLICY_QUEUE)
     UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
     REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
     (all retryable: a Start that answers UNAVAILABLE left
@@ -109,10 +120,14 @@ class TaskServiceServicer(object):
         """Start enqueues a task of a registered type and returns it (state QUEUED).
 
         With an exclusivity key (given, or the task type's default), at most one
-        task runs under the key at a time: a Start while another task under the
-        key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
-        default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
-        however many callers race for the key.
+        task runs under the key at a time (or the task type's key_slots): a Start
+        while the key is held answers as its conflict_policy says: ALREADY_EXISTS
+        (CONFLICT_POLICY_REJECT, the default), the holder
+        (CONFLICT_POLICY_RETURN_EXISTING), or a task that waits for the key
+        (REPLACE, QUEUE_LATEST, QUEUE), at once, however many callers race for
+        the key. A waiting task is QUEUED with `waiting_for` set; it goes to the
+        broker in the same atomic step that ends the task it waits for, however
+        that task ends (success, failure, cancel, LOST, a Start given up).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +185,18 @@ class TaskServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelTasks(self, request, context):
+        """CancelTasks cancels every active task that matches the filters (as
+        ListTasks': states, task type, exclusivity key) with one mode, at most
+        page_size of them per call. It answers how many it ended, how many
+        running ones were asked to stop, and a token that continues with the
+        tasks it did not reach. Running tasks are not waited for (as Cancel
+        does): WatchStatus or ListTasks show their end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +230,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     request_deserializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksRequest.FromString,
                     response_serializer=taskservice_dot_v1_dot_task__service__pb2.ListTasksResponse.SerializeToString,
             ),
+            'CancelTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTasks,
+                    request_deserializer=taskservice_dot_v1_dot_task__service__pb2.CancelTasksRequest.FromString,
+                    response_serializer=taskservice_dot_v1_dot_task__service__pb2.CancelTasksResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'taskservice.v1.TaskService', rpc_method_handlers)
@@ -219,13 +251,16 @@ class TaskService(object):
     (domain "taskservice.dev"); the reason names the situation:
     INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
     NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
-    ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
+    ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task;
+    reason KEY_QUIET, metadata task_id = the task that ended last
+    under the key, free_time = when the key frees (RFC 3339)
     FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
     BROKER_MISCONFIGURED (an operator must fix the server)
     UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
     PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
     RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
-    REDIS_POOL_EXHAUSTED (retry with backoff)
+    REDIS_POOL_EXHAUSTED (retry with backoff); KEY_LINE_FULL,
+    metadata exclusivity_key, limit (CONFLICT_POLICY_QUEUE)
     UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
     REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
     (all retryable: a Start that answers UNAVAILABLE left
@@ -384,6 +419,33 @@ class TaskService(object):
             '/taskservice.v1.TaskService/ListTasks',
             taskservice_dot_v1_dot_task__service__pb2.ListTasksRequest.SerializeToString,
             taskservice_dot_v1_dot_task__service__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskservice.v1.TaskService/CancelTasks',
+            taskservice_dot_v1_dot_task__service__pb2.CancelTasksRequest.SerializeToString,
+            taskservice_dot_v1_dot_task__service__pb2.CancelTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,13 +34,16 @@ class TaskServiceStub:
     (domain "taskservice.dev"); the reason names the situation:
       INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
-      ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
+      ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task;
+                           reason KEY_QUIET, metadata task_id = the task that ended last
+                           under the key, free_time = when the key frees (RFC 3339)
       FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
                            BROKER_MISCONFIGURED (an operator must fix the server)
       UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
       PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
-                           REDIS_POOL_EXHAUSTED (retry with backoff)
+                           REDIS_POOL_EXHAUSTED (retry with backoff); KEY_LINE_FULL,
+                           metadata exclusivity_key, limit (CONFLICT_POLICY_QUEUE)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
                            REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
                            (all retryable: a Start that answers UNAVAILABLE left
@@ -55,10 +58,14 @@ class TaskServiceStub:
     """Start enqueues a task of a registered type and returns it (state QUEUED).
 
     With an exclusivity key (given, or the task type's default), at most one
-    task runs under the key at a time: a Start while another task under the
-    key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
-    default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
-    however many callers race for the key.
+    task runs under the key at a time (or the task type's key_slots): a Start
+    while the key is held answers as its conflict_policy says: ALREADY_EXISTS
+    (CONFLICT_POLICY_REJECT, the default), the holder
+    (CONFLICT_POLICY_RETURN_EXISTING), or a task that waits for the key
+    (REPLACE, QUEUE_LATEST, QUEUE), at once, however many callers race for
+    the key. A waiting task is QUEUED with `waiting_for` set; it goes to the
+    broker in the same atomic step that ends the task it waits for, however
+    that task ends (success, failure, cancel, LOST, a Start given up).
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]
     """GetStatus returns a task by id, or the current (else the most recent)
@@ -91,6 +98,14 @@ class TaskServiceStub:
     Tasks started after the first page was read may not appear; none
     appears twice.
     """
+    CancelTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CancelTasksRequest, _task_service_pb2.CancelTasksResponse]
+    """CancelTasks cancels every active task that matches the filters (as
+    ListTasks': states, task type, exclusivity key) with one mode, at most
+    page_size of them per call. It answers how many it ended, how many
+    running ones were asked to stop, and a token that continues with the
+    tasks it did not reach. Running tasks are not waited for (as Cancel
+    does): WatchStatus or ListTasks show their end.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -101,13 +116,16 @@ class TaskServiceAsyncStub(TaskServiceStub):
     (domain "taskservice.dev"); the reason names the situation:
       INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
-      ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
+      ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task;
+                           reason KEY_QUIET, metadata task_id = the task that ended last
+                           under the key, free_time = when the key frees (RFC 3339)
       FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
                            BROKER_MISCONFIGURED (an operator must fix the server)
       UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
       PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
-                           REDIS_POOL_EXHAUSTED (retry with backoff)
+                           REDIS_POOL_EXHAUSTED (retry with backoff); KEY_LINE_FULL,
+                           metadata exclusivity_key, limit (CONFLICT_POLICY_QUEUE)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
                            REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
                            (all retryable: a Start that answers UNAVAILABLE left
@@ -119,10 +137,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """Start enqueues a task of a registered type and returns it (state QUEUED).
 
     With an exclusivity key (given, or the task type's default), at most one
-    task runs under the key at a time: a Start while another task under the
-    key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
-    default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
-    however many callers race for the key.
+    task runs under the key at a time (or the task type's key_slots): a Start
+    while the key is held answers as its conflict_policy says: ALREADY_EXISTS
+    (CONFLICT_POLICY_REJECT, the default), the holder
+    (CONFLICT_POLICY_RETURN_EXISTING), or a task that waits for the key
+    (REPLACE, QUEUE_LATEST, QUEUE), at once, however many callers race for
+    the key. A waiting task is QUEUED with `waiting_for` set; it goes to the
+    broker in the same atomic step that ends the task it waits for, however
+    that task ends (success, failure, cancel, LOST, a Start given up).
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetStatusRequest, _task_service_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus returns a task by id, or the current (else the most recent)
@@ -155,6 +177,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     Tasks started after the first page was read may not appear; none
     appears twice.
     """
+    CancelTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CancelTasksRequest, _task_service_pb2.CancelTasksResponse]  # type: ignore[assignment]
+    """CancelTasks cancels every active task that matches the filters (as
+    ListTasks': states, task type, exclusivity key) with one mode, at most
+    page_size of them per call. It answers how many it ended, how many
+    running ones were asked to stop, and a token that continues with the
+    tasks it did not reach. Running tasks are not waited for (as Cancel
+    does): WatchStatus or ListTasks show their end.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService starts Celery tasks, reports their state and outcome, cancels
@@ -164,13 +194,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     (domain "taskservice.dev"); the reason names the situation:
       INVALID_ARGUMENT     reason INVALID_ARGUMENT, TASK_TYPE_NOT_FOUND, ARGS_TOO_LARGE
       NOT_FOUND            reason TASK_NOT_FOUND, KEY_NOT_FOUND
-      ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task
+      ALREADY_EXISTS       reason TASK_ALREADY_RUNNING, metadata task_id = the running task;
+                           reason KEY_QUIET, metadata task_id = the task that ended last
+                           under the key, free_time = when the key frees (RFC 3339)
       FAILED_PRECONDITION  reason TASK_FINISHED; REDIS_MISCONFIGURED,
                            BROKER_MISCONFIGURED (an operator must fix the server)
       UNAUTHENTICATED      reason UNAUTHENTICATED (no valid bearer token)
       PERMISSION_DENIED    reason PERMISSION_DENIED, metadata permission = the one needed
       RESOURCE_EXHAUSTED   reason PUBLISH_BACKLOG, REDIS_OUT_OF_MEMORY,
-                           REDIS_POOL_EXHAUSTED (retry with backoff)
+                           REDIS_POOL_EXHAUSTED (retry with backoff); KEY_LINE_FULL,
+                           metadata exclusivity_key, limit (CONFLICT_POLICY_QUEUE)
       UNAVAILABLE          reason REDIS_UNAVAILABLE, REDIS_BUSY, REDIS_READ_ONLY,
                            REDIS_NOT_REPLICATED, BROKER_UNAVAILABLE, SHUTTING_DOWN
                            (all retryable: a Start that answers UNAVAILABLE left
@@ -186,10 +219,14 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """Start enqueues a task of a registered type and returns it (state QUEUED).
 
         With an exclusivity key (given, or the task type's default), at most one
-        task runs under the key at a time: a Start while another task under the
-        key is unfinished answers ALREADY_EXISTS (CONFLICT_POLICY_REJECT, the
-        default) or returns that task (CONFLICT_POLICY_RETURN_EXISTING), at once,
-        however many callers race for the key.
+        task runs under the key at a time (or the task type's key_slots): a Start
+        while the key is held answers as its conflict_policy says: ALREADY_EXISTS
+        (CONFLICT_POLICY_REJECT, the default), the holder
+        (CONFLICT_POLICY_RETURN_EXISTING), or a task that waits for the key
+        (REPLACE, QUEUE_LATEST, QUEUE), at once, however many callers race for
+        the key. A waiting task is QUEUED with `waiting_for` set; it goes to the
+        broker in the same atomic step that ends the task it waits for, however
+        that task ends (success, failure, cancel, LOST, a Start given up).
         """
 
     @_abc_1.abstractmethod
@@ -251,6 +288,20 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         next_page_token is set; the listing ends when next_page_token is empty.
         Tasks started after the first page was read may not appear; none
         appears twice.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTasks(
+        self,
+        request: _task_service_pb2.CancelTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_service_pb2.CancelTasksResponse, _abc.Awaitable[_task_service_pb2.CancelTasksResponse]]:
+        """CancelTasks cancels every active task that matches the filters (as
+        ListTasks': states, task type, exclusivity key) with one mode, at most
+        page_size of them per call. It answers how many it ended, how many
+        running ones were asked to stop, and a token that continues with the
+        tasks it did not reach. Running tasks are not waited for (as Cancel
+        does): WatchStatus or ListTasks show their end.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
