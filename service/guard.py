@@ -44,7 +44,7 @@ from taskservice.core.metrics import ServerMetrics
 from taskservice.server import auth
 from taskservice.server.auth import Tokens
 from taskservice.server.drain import Gate, Phase, shutting_down
-from taskservice.server.status import to_status
+from taskservice.server.status import end_stream, to_status
 
 if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -295,7 +295,7 @@ class Guard:
                 except Exception as error:
                     status = to_status(error)
                     code = status.code
-                    await context.abort_with_status(status)
+                    await end_stream(context, status)
                 finally:
                     self.gate.leave()
                     open_streams.dec()
@@ -324,7 +324,7 @@ class Guard:
                 async for response in _until_closing(responses, self.gate):
                     yield response
                 if self.gate.phase is Phase.CLOSED:
-                    await context.abort_with_status(to_status(shutting_down()))
+                    await end_stream(context, to_status(shutting_down()))
 
             return grpc.stream_stream_rpc_method_handler(
                 both,

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskservice.server.drain import Gate, shutting_down
-from taskservice.server.status import to_status
+from taskservice.server.status import end_stream, to_status
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Status = int
@@ -98,4 +98,4 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         finally:
             self._changed.discard(changed)
             closing.cancel()
-        await context.abort_with_status(to_status(shutting_down()))
+        await end_stream(context, to_status(shutting_down()))

@@ -10,8 +10,9 @@ bases.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 import amqp.exceptions
 import grpc
@@ -150,6 +151,26 @@ def to_status(exc: BaseException) -> grpc.Status:
 
 STATUSES_KEPT = 256
 _STATUSES: dict[tuple[Any, ...], grpc.Status] = {}
+
+
+async def end_stream(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
+    """Ends a stream that a closing server cuts, with `status`.
+
+    A caller that saw gRPC's GOAWAY may hang up first. If the status then
+    fails to go out before gRPC has learnt that the caller left, grpc.aio logs
+    the failed send (ExecuteBatchError) as an error with a traceback, though
+    nobody is left to tell; the call ends as cancelled instead, as it does when
+    gRPC learns of the hang-up first."""
+    try:
+        await context.abort_with_status(status)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:
+        # grpc's own class, not part of its public API; matched by name.
+        if type(error).__name__ != "ExecuteBatchError":
+            raise
+        raise asyncio.CancelledError from error
+    raise AssertionError("abort_with_status returned")  # it always raises
 
 
 def _status(error: TaskServiceError) -> grpc.Status:

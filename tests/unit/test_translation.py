@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import inspect
 import typing
-from typing import Any
+from typing import Any, cast
 
 import amqp.exceptions
 import grpc
@@ -246,3 +247,41 @@ def test_domain_enums_have_the_proto_enums_names(
 ) -> None:
     assert [prefix + member for member in domain] == list(proto.keys())
     assert all(member.name == member.value for member in domain)
+
+
+class ExecuteBatchError(Exception):
+    """Named as grpc.aio's failed-send error (grpc._cython.cygrpc), which
+    cannot be made outside a real call."""
+
+
+class _Ending:
+    """A servicer context whose abort fails with `error` instead of raising
+    AbortError."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.sent: list[grpc.Status] = []
+
+    async def abort_with_status(self, status: grpc.Status) -> None:
+        self.sent.append(status)
+        raise self.error
+
+
+async def test_a_stream_whose_caller_hung_up_first_ends_as_cancelled() -> None:
+    context = _Ending(ExecuteBatchError("Failed execute_batch"))
+    status = status_map.to_status(errors.ShuttingDown("closing"))
+    with pytest.raises(asyncio.CancelledError):
+        await status_map.end_stream(cast(Any, context), status)
+    assert context.sent == [status]
+
+
+async def test_ending_a_stream_lets_any_other_failure_through() -> None:
+    with pytest.raises(grpc.aio.AbortError):
+        await status_map.end_stream(
+            cast(Any, _Ending(grpc.aio.AbortError())),
+            status_map.to_status(errors.ShuttingDown("x")),
+        )
+    with pytest.raises(RuntimeError):
+        await status_map.end_stream(
+            cast(Any, _Ending(RuntimeError("bug"))), status_map.to_status(errors.ShuttingDown("x"))
+        )
